@@ -1,0 +1,179 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* redtap.h: the ABI shared by the TC program and the Python agent.
+ *
+ * This header is the single source of truth for the event layout, the
+ * counter indices and the map keys. src/pyloader/abi.py mirrors it with
+ * ctypes and tests/unit/test_abi_btf.py checks that mirror against the
+ * BTF of the built object, so the two cannot drift.
+ * Only fixed-width __u* types here (usable from vmlinux.h and linux/types.h).
+ */
+#ifndef __REDTAP_H
+#define __REDTAP_H
+
+#define MAX_URL_LEN      256   /* request-target bytes kept per request      */
+#define FIFO_DEPTH       16    /* pending (pipelined) requests per connection */
+#define MAX_CONNS        65536 /* tracked TCP connections (LRU)               */
+#define MAX_PENDING_URLS 65536 /* request-targets waiting for a response      */
+#define MAX_ENDPOINTS    16384 /* endpoint filter entries                     */
+#define SCAN_WINDOW      512   /* bytes of a message scanned per window       */
+#define MAX_WINDOWS      8     /* windows per message head: 4 kB headers      */
+#define MAX_MSGS_PER_SEG 32    /* HTTP messages parsed in one TCP segment     */
+
+/* HTTP methods (RFC 9110 section 9 plus PATCH). 0 = unknown. */
+enum http_method {
+	M_UNKNOWN = 0,
+	M_GET,
+	M_HEAD,
+	M_POST,
+	M_PUT,
+	M_DELETE,
+	M_CONNECT,
+	M_OPTIONS,
+	M_TRACE,
+	M_PATCH,
+};
+
+/* event.flags */
+#define EV_URL_TRUNCATED (1 << 0) /* request-target longer than MAX_URL_LEN or split */
+#define EV_UNANSWERED    (1 << 1) /* no response: see event.reason                  */
+#define EV_URL_LOST      (1 << 2) /* request-target evicted from pending_urls       */
+
+/* event.reason, for EV_UNANSWERED events */
+enum unanswered_reason {
+	R_NONE = 0,
+	R_RESET,       /* RST on the connection                  */
+	R_SERVER_FIN,  /* server closed without answering        */
+	R_IDLE,        /* idle past the agent's timeout (user space) */
+};
+
+/* Per-CPU counters: index into the `stats` map. Every kernel-side loss or
+ * anomaly has one; user space sums the CPUs and reports them. */
+enum stat_idx {
+	S_TRACED_SEGMENTS = 0,    /* TCP segments with payload of traced endpoints */
+	S_REQUESTS,           /* request lines recognised                     */
+	S_RESPONSES,          /* final status lines recognised                */
+	S_INTERIM,            /* 1xx interim responses (never pop a request)  */
+	S_EVENTS,             /* events submitted to the ringbuf              */
+	S_RINGBUF_FULL,       /* events lost: ringbuf reserve failed          */
+	S_FIFO_OVERFLOW,      /* requests dropped: FIFO_DEPTH pending already */
+	S_OVERFLOW_RESPONSES, /* responses of dropped requests (skipped)      */
+	S_UNMATCHED_RESPONSE, /* status line with no pending request          */
+	S_PARSE_FAILED,       /* in-sync stream where no HTTP message started */
+	S_RETRANSMIT,         /* segments whose data was already seen         */
+	S_GAP,                /* segments after missing data (stream resync)  */
+	S_CONN_MAP_FULL,      /* connection state could not be created        */
+	S_URL_MAP_FULL,       /* request-target could not be stored           */
+	S_URL_LOST,           /* request-target evicted before its response   */
+	S_UNANSWERED,         /* requests reported without response (kernel)  */
+	S_PENDING_PUSHED,     /* requests queued   (pushed - popped - live =   */
+	S_PENDING_POPPED,     /* requests dequeued  pending lost to eviction)  */
+	S_HEADER_TOO_LONG,    /* message head longer than the scan limit       */
+	S_UNSUPPORTED_FRAMING,/* body framing not followed (resync on next msg)*/
+	S_NR,
+};
+
+/* Endpoint filter: LPM trie key. Address first, then port, so that one
+ * lookup with the full key matches, longest first:
+ *   IP:PORT -> prefixlen 144, IP -> 128, CIDR -> 96+n (v4) or n (v6),
+ *   everything (wildcard) -> 0.
+ * IPv4 is stored v4-mapped (::ffff:a.b.c.d). Port in network byte order. */
+struct endpoint_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+	__u16 port;
+} __attribute__((packed));
+
+/* Connection key: the TCP 4-tuple, always client -> server. */
+struct conn_key {
+	__u8 caddr[16];  /* client address (v4-mapped for IPv4) */
+	__u8 saddr[16];  /* server address                      */
+	__u16 cport;     /* host byte order                     */
+	__u16 sport;
+	__u32 pad;
+};
+
+/* Per-direction stream state inside a connection. */
+enum stream_mode {
+	SM_HEAD = 0,    /* next byte starts a message                         */
+	SM_HEADERS,     /* inside a message head that continues in the next segment */
+	SM_BODY,        /* body bytes still to skip: body_left                */
+	SM_UNTIL_CLOSE, /* close-delimited body: everything until FIN         */
+	SM_UNSYNC,      /* lost track: look for a message at segment starts   */
+	SM_TUNNEL,      /* after 101 / CONNECT 2xx: not HTTP any more         */
+	SM_PARTIAL,     /* the segment ended within a message's first bytes:
+			 * they wait in partial[] for the next segment        */
+};
+
+/* Header facts found while scanning a message head (stream_state.hdr_flags). */
+#define HF_CONTENT_LENGTH (1 << 0)
+#define HF_CHUNKED        (1 << 1)
+#define HF_BAD_LENGTH     (1 << 2)  /* unparseable or conflicting Content-Length */
+#define HF_IN_START       (1 << 6)  /* parked head: still on the start line      */
+#define HF_NO_BODY        (1 << 7)  /* parked head of a message without body     */
+
+struct stream_state {
+	__u64 body_left;   /* SM_BODY: bytes of body still to come;
+			    * SM_PARTIAL: time of the message's first byte    */
+	__u64 hdr_cl;      /* SM_HEADERS: Content-Length seen so far          */
+	__u32 next_seq;    /* TCP sequence number after the last byte seen    */
+	__u32 last4;       /* SM_HEADERS: last 4 bytes (CRLFCRLF detection)   */
+	__u8 mode;         /* enum stream_mode                                */
+	__u8 seq_valid;    /* next_seq holds a value                          */
+	__u8 hdr_flags;    /* SM_HEADERS: HF_* seen so far                    */
+	__u8 partial_len;  /* SM_PARTIAL: bytes in partial[]                  */
+	__u8 partial[12];  /* SM_PARTIAL: a message's first bytes             */
+};
+
+/* One pending request in a connection's FIFO. The request-target waits
+ * apart, in `pending_urls`, keyed by (connection, seq). */
+struct pending_req {
+	__u64 ts_ns;       /* first request byte (bpf_ktime_get_ns)  */
+	__u32 seq;         /* request number on this connection      */
+	__u8 method;
+	__u8 version;
+	__u8 flags;        /* EV_URL_TRUNCATED                       */
+	__u8 pad;
+};
+
+/* Value of the `conns` LRU map. FIFO: head..tail-1 (free-running u32). */
+struct conn_state {
+	struct pending_req fifo[FIFO_DEPTH];
+	struct stream_state req;   /* client -> server */
+	struct stream_state resp;  /* server -> client */
+	__u64 last_ns;             /* last segment with payload or FIN */
+	__u32 head;
+	__u32 tail;
+	__u32 overflow;            /* dropped requests whose responses are still to come */
+	__u32 pad;
+};
+
+/* Key of a request-target waiting in `pending_urls`. */
+struct url_key {
+	struct conn_key conn;
+	__u32 seq;       /* request number on the connection */
+	__u32 pad;
+};
+
+struct url_val {
+	__u16 len;
+	__u16 pad[3];
+	char url[MAX_URL_LEN];
+};
+
+/* One completed (or unanswered) request: the ringbuf record. */
+struct http_event {
+	__u64 req_ns;        /* CLOCK_MONOTONIC (bpf_ktime_get_ns) of the first request byte */
+	__u64 resp_ns;       /* first response byte; when unanswered: when it was given up    */
+	struct conn_key conn;
+	__u16 status;        /* response status code; 0 when unanswered */
+	__u16 url_len;       /* bytes of url used                        */
+	__u8 method;         /* enum http_method                         */
+	__u8 version;        /* 10 or 11 (HTTP/1.0, HTTP/1.1); 0 unknown */
+	__u8 flags;          /* EV_*                                     */
+	__u8 reason;         /* enum unanswered_reason                   */
+	__u32 ifindex;       /* interface the response (or reset) was seen on */
+	__u32 pad;
+	char url[MAX_URL_LEN];
+};
+
+#endif /* __REDTAP_H */

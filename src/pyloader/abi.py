@@ -1,0 +1,103 @@
+"""The Python mirror of src/bpf/redtap.h (event, keys, connection state).
+
+redtap.h is the single source of truth; tests/unit/test_abi_btf.py checks
+every structure, field offset and enum value here against the BTF of the
+built object, so the two cannot drift.
+"""
+from __future__ import annotations
+
+import ctypes
+import struct
+
+u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
+
+MAX_URL_LEN = 256
+FIFO_DEPTH = 16
+MAX_CONNS = 65536
+MAX_PENDING_URLS = 65536
+MAX_ENDPOINTS = 16384
+
+METHODS = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+
+EV_URL_TRUNCATED, EV_UNANSWERED, EV_URL_LOST = 1, 2, 4
+REASONS = ("", "reset", "server_closed", "idle")
+R_IDLE = 3
+
+# enum stat_idx, in order
+STATS = (
+    "traced_segments", "requests", "responses", "interim_responses", "events",
+    "ringbuf_full", "fifo_overflow", "overflow_responses", "unmatched_responses",
+    "parse_failed", "retransmits", "gaps", "conn_map_full", "url_map_full",
+    "url_lost", "unanswered", "pending_pushed", "pending_popped", "header_too_long",
+    "unsupported_framing",
+)
+# C enumerator name for each of STATS (checked against BTF)
+STAT_ENUMS = (
+    "S_TRACED_SEGMENTS", "S_REQUESTS", "S_RESPONSES", "S_INTERIM", "S_EVENTS",
+    "S_RINGBUF_FULL", "S_FIFO_OVERFLOW", "S_OVERFLOW_RESPONSES", "S_UNMATCHED_RESPONSE",
+    "S_PARSE_FAILED", "S_RETRANSMIT", "S_GAP", "S_CONN_MAP_FULL", "S_URL_MAP_FULL",
+    "S_URL_LOST", "S_UNANSWERED", "S_PENDING_PUSHED", "S_PENDING_POPPED", "S_HEADER_TOO_LONG",
+    "S_UNSUPPORTED_FRAMING",
+)
+# counters that mean something was lost or not understood
+LOSS_STATS = ("ringbuf_full", "fifo_overflow", "overflow_responses", "unmatched_responses",
+              "parse_failed", "gaps", "conn_map_full", "url_map_full", "url_lost",
+              "header_too_long", "unsupported_framing")
+
+
+class EndpointKey(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("prefixlen", u32), ("addr", u8 * 16), ("port", u16)]
+
+
+class ConnKey(ctypes.Structure):
+    _fields_ = [("caddr", u8 * 16), ("saddr", u8 * 16), ("cport", u16), ("sport", u16),
+                ("pad", u32)]
+
+
+class StreamState(ctypes.Structure):
+    _fields_ = [("body_left", u64), ("hdr_cl", u64), ("next_seq", u32), ("last4", u32),
+                ("mode", u8), ("seq_valid", u8), ("hdr_flags", u8), ("partial_len", u8),
+                ("partial", u8 * 12)]
+
+
+class PendingReq(ctypes.Structure):
+    _fields_ = [("ts_ns", u64), ("seq", u32), ("method", u8), ("version", u8), ("flags", u8),
+                ("pad", u8)]
+
+
+class ConnState(ctypes.Structure):
+    _fields_ = [("fifo", PendingReq * FIFO_DEPTH), ("req", StreamState), ("resp", StreamState),
+                ("last_ns", u64), ("head", u32), ("tail", u32), ("overflow", u32), ("pad", u32)]
+
+
+class UrlKey(ctypes.Structure):
+    _fields_ = [("conn", ConnKey), ("seq", u32), ("pad", u32)]
+
+
+class UrlVal(ctypes.Structure):
+    _fields_ = [("len", u16), ("pad", u16 * 3), ("url", ctypes.c_char * MAX_URL_LEN)]
+
+
+class HttpEvent(ctypes.Structure):
+    _fields_ = [("req_ns", u64), ("resp_ns", u64), ("conn", ConnKey), ("status", u16),
+                ("url_len", u16), ("method", u8), ("version", u8), ("flags", u8),
+                ("reason", u8), ("ifindex", u32), ("pad", u32),
+                ("url", ctypes.c_char * MAX_URL_LEN)]
+
+
+# Fast decoding of a ringbuf record: one struct.unpack_from per event.
+# Field order follows HttpEvent (checked by tests against ctypes and BTF).
+EVENT_STRUCT = struct.Struct("<QQ16s16sHH4xHHBBBBI4x256s")
+EVENT_FIELDS = ("req_ns", "resp_ns", "caddr", "saddr", "cport", "sport", "status", "url_len",
+                "method", "version", "flags", "reason", "ifindex", "url")
+EVENT_SIZE = EVENT_STRUCT.size
+assert EVENT_SIZE == ctypes.sizeof(HttpEvent)
+
+
+def decode_event(raw: bytes) -> tuple | None:
+    """The event's fields as a tuple in EVENT_FIELDS order; None if the
+    record is not a whole event (counted by the caller)."""
+    if len(raw) < EVENT_SIZE:
+        return None
+    return EVENT_STRUCT.unpack_from(raw)

@@ -1,0 +1,113 @@
+"""Server endpoints to trace: parsing the flags and writing the LPM map.
+
+One LPM trie lookup in the kernel matches, longest prefix first:
+    IP:PORT  -> prefixlen 144 (128 address bits, 16 port bits)
+    IP       -> 128
+    CIDR     -> 96 + n for IPv4 (v4-mapped), n for IPv6
+    wildcard -> 0 (trace everything)
+"""
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from .abi import EndpointKey
+from .errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    network: ipaddress.IPv6Network  # v4 stored v4-mapped
+    port: int | None  # None: any port
+
+    @property
+    def prefixlen(self) -> int:
+        if self.port is not None:
+            return 144
+        return self.network.prefixlen
+
+    def key(self) -> bytes:
+        k = EndpointKey()
+        k.prefixlen = self.prefixlen
+        k.addr[:] = self.network.network_address.packed
+        port = self.port or 0
+        k.port = int.from_bytes(port.to_bytes(2, "big"), "little")  # network order
+        return bytes(k)
+
+    def __str__(self) -> str:
+        net = self.network
+        if net.network_address.ipv4_mapped is not None:
+            addr = str(net.network_address.ipv4_mapped)
+            plen = net.prefixlen - 96
+            host = plen == 32
+        else:
+            addr, plen, host = str(net.network_address), net.prefixlen, net.prefixlen == 128
+        if self.port is not None:
+            return f"[{addr}]:{self.port}" if ":" in addr else f"{addr}:{self.port}"
+        if net.prefixlen == 0:
+            return "*"
+        return addr if host else f"{addr}/{plen}"
+
+
+WILDCARD = Endpoint(ipaddress.IPv6Network("::/0"), None)
+
+
+def _mapped(ip: ipaddress._BaseAddress) -> ipaddress.IPv6Address:
+    if ip.version == 4:
+        return ipaddress.IPv6Address("::ffff:" + str(ip))
+    return ip
+
+
+def parse_endpoint(text: str) -> Endpoint:
+    """'198.18.0.10', '198.18.0.10:80', '198.18.0.0/24', '2001:db8::10',
+    '[2001:db8::10]:80', '2001:db8::/64', '*'."""
+    s = text.strip()
+    if s in ("*", "all", "any"):
+        return WILDCARD
+    port = None
+    try:
+        if s.startswith("["):
+            addr, _, rest = s[1:].partition("]")
+            if rest:
+                if not rest.startswith(":"):
+                    raise ValueError("expected ]:PORT")
+                port = int(rest[1:])
+            s = addr
+        elif s.count(":") == 1:
+            s, p = s.split(":")
+            port = int(p)
+        if port is not None and not 0 < port < 65536:
+            raise ValueError(f"port {port} out of range")
+        if "/" in s:
+            if port is not None:
+                raise ValueError("a CIDR range takes no port (one LPM lookup matches address, then port)")
+            net = ipaddress.ip_network(s, strict=False)
+            base = _mapped(net.network_address)
+            plen = net.prefixlen + (96 if net.version == 4 else 0)
+            return Endpoint(ipaddress.IPv6Network(f"{base}/{plen}"), None)
+        ip = _mapped(ipaddress.ip_address(s))
+        return Endpoint(ipaddress.IPv6Network(f"{ip}/128"), port)
+    except ValueError as e:
+        raise ConfigError(f"bad endpoint {text!r}: {e}") from None
+
+
+class EndpointTable:
+    """The kernel's endpoint map, kept equal to a set of Endpoints."""
+
+    def __init__(self, bpf_map):
+        self.map = bpf_map
+        self.current: set[Endpoint] = set()
+
+    def set(self, endpoints) -> None:
+        want = set(endpoints)
+        for ep in want - self.current:
+            self.map.update(ep.key(), b"\x01")
+        for ep in self.current - want:
+            self.map.delete(ep.key())
+        self.current = want
+
+    def add(self, ep: Endpoint) -> None:
+        self.set(self.current | {ep})
+
+    def remove(self, ep: Endpoint) -> None:
+        self.set(self.current - {ep})

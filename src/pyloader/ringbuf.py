@@ -1,0 +1,55 @@
+"""A very thin BPF ring buffer reader: records come out as raw bytes.
+
+The callback copies each record into a list; decoding is the caller's job
+and happens outside the C callback, so nothing ever raises across the C
+boundary and a batch is decoded in one Python loop.
+"""
+from __future__ import annotations
+
+import ctypes
+
+from ._libbpf import RING_BUFFER_SAMPLE_FN, lib, last_errno
+from .errors import BpfError
+
+
+class RingBuffer:
+    def __init__(self, map_fd: int):
+        self._batch: list[bytes] = []
+        batch, string_at = self._batch, ctypes.string_at
+
+        def _sample(_ctx, data, size):
+            batch.append(string_at(data, size))
+            return 0
+
+        # keep the CFUNCTYPE object alive as long as the ring buffer
+        self._cb = RING_BUFFER_SAMPLE_FN(_sample)
+        self._rb = lib().ring_buffer__new(map_fd, self._cb, None, None)
+        if not self._rb:
+            raise BpfError(last_errno(), "creating the ring buffer reader (ring_buffer__new)")
+
+    def poll(self, timeout_ms: int) -> list[bytes]:
+        """Wait up to timeout_ms for a wakeup, then return what is there."""
+        ret = lib().ring_buffer__poll(self._rb, timeout_ms)
+        if ret < 0 and last_errno(ret) != 4:  # EINTR: a signal, just return
+            raise BpfError(last_errno(ret), "polling the ring buffer")
+        return self._take()
+
+    def consume(self) -> list[bytes]:
+        """Return every record available now, without waiting."""
+        ret = lib().ring_buffer__consume(self._rb)
+        if ret < 0:
+            raise BpfError(last_errno(ret), "consuming the ring buffer")
+        return self._take()
+
+    def epoll_fd(self) -> int:
+        return lib().ring_buffer__epoll_fd(self._rb)
+
+    def _take(self) -> list[bytes]:
+        out = self._batch[:]
+        self._batch.clear()
+        return out
+
+    def close(self) -> None:
+        if self._rb:
+            lib().ring_buffer__free(self._rb)
+            self._rb = None

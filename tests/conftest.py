@@ -1,0 +1,76 @@
+"""Shared fixtures: a loaded tracer whose maps are emptied before each test."""
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+from pyloader import abi  # noqa: E402
+from pyloader.endpoints import parse_endpoint  # noqa: E402
+from pyloader.ringbuf import RingBuffer  # noqa: E402
+from pyloader.tracer import Tracer  # noqa: E402
+
+
+def _clear(m) -> None:
+    for k in list(m.keys()):
+        m.delete(k)
+
+
+class Harness:
+    """Runs crafted frames through the two programs and collects events."""
+
+    def __init__(self, tracer: Tracer):
+        self.t = tracer
+        self.rb = RingBuffer(tracer.events_fd)
+
+    def reset(self, endpoints=("198.18.0.10:80",)):
+        for name in ("conns", "pending_urls", "endpoints"):
+            _clear(self.t.obj.map(name))
+        zero = bytes(self.t.stats_map.slot * self.t.stats_map.ncpus)
+        for i in range(len(abi.STATS)):
+            self.t.stats_map.update(i.to_bytes(4, "little"), zero)
+        self.t.endpoints.current = set()
+        self.t.endpoints.set(parse_endpoint(e) for e in endpoints)
+        self.rb.consume()
+
+    def req(self, frame: bytes) -> int:
+        ret, out, _ = self.t.req.test_run(frame)
+        assert out == frame, "the program changed the packet"
+        return ret
+
+    def resp(self, frame: bytes) -> int:
+        ret, out, _ = self.t.resp.test_run(frame)
+        assert out == frame, "the program changed the packet"
+        return ret
+
+    def events(self) -> list[dict]:
+        out = []
+        for raw in self.rb.consume():
+            ev = dict(zip(abi.EVENT_FIELDS, abi.decode_event(raw)))
+            ev["url"] = ev["url"][:ev["url_len"]]
+            ev["method"] = abi.METHODS[ev["method"]]
+            out.append(ev)
+        return out
+
+    def stats(self) -> dict[str, int]:
+        return {k: v for k, v in self.t.stats().items() if v}
+
+
+@pytest.fixture(scope="session")
+def tracer():
+    if os.geteuid() != 0:
+        pytest.skip("needs root for bpf()")
+    t = Tracer.load()
+    yield t
+    t.close()
+
+
+@pytest.fixture
+def h(tracer):
+    harness = Harness(tracer)
+    harness.reset()
+    yield harness
+    harness.rb.close()
