@@ -1,0 +1,189 @@
+"""`redtap run`: load, attach, drain the ring buffer, write access logs."""
+from __future__ import annotations
+
+import logging
+import resource
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+
+from . import abi
+from .accesslog import AccessLog, RecordBuilder
+from .attach import BridgeFollower, TcAttacher
+from .endpoints import WILDCARD, Endpoint
+from .ringbuf import RingBuffer
+from .summary import RedSummary
+from .tracer import Tracer
+
+log = logging.getLogger("redtap.agent")
+
+
+@dataclass
+class AgentConfig:
+    endpoints: list[Endpoint] = field(default_factory=list)  # empty: trace everything
+    attach: str = "veths"             # "veths": every port of the bridge; "bridge": the bridge
+    bridge: str | None = "cni0"
+    ifaces: list[str] = field(default_factory=list)       # pod-side interfaces
+    host_ifaces: list[str] = field(default_factory=list)  # host-side interfaces
+    log_path: str | None = None
+    bpf_object: str | None = None
+    max_conns: int | None = None
+    poll_ms: int = 50
+    idle_timeout_s: float = 60.0
+    stats_interval_s: float = 60.0
+    summary: bool = False             # print a R.E.D. table to stderr at exit
+
+
+class UserStats:
+    """Counters kept by the agent itself."""
+
+    def __init__(self):
+        self.events = 0
+        self.bad_events = 0
+        self.idle_unanswered = 0
+        self.batches = 0
+
+
+class Agent:
+    def __init__(self, cfg: AgentConfig):
+        self.cfg = cfg
+        self.stop_requested = False
+        self.stats = UserStats()
+        self.summary = RedSummary()
+        self.tracer: Tracer | None = None
+        self.attacher: TcAttacher | None = None
+        self.follower: BridgeFollower | None = None
+
+    # -- setup -----------------------------------------------------------
+    def start(self) -> None:
+        cfg = self.cfg
+        self.tracer = Tracer.load(cfg.bpf_object, max_conns=cfg.max_conns)
+        self.tracer.endpoints.set(cfg.endpoints or [WILDCARD])
+        self.accesslog = AccessLog(cfg.log_path)
+        self.builder = RecordBuilder()
+        self.rb = RingBuffer(self.tracer.events_fd)
+        self.attacher = TcAttacher(self.tracer.req.fd, self.tracer.resp.fd)
+        for name in cfg.ifaces:
+            self.attacher.attach(self.attacher.ifindex(name), name, "pod")
+        for name in cfg.host_ifaces:
+            self.attacher.attach(self.attacher.ifindex(name), name, "host")
+        if cfg.attach == "bridge":
+            self.attacher.attach(self.attacher.ifindex(cfg.bridge), cfg.bridge, "pod")
+        elif cfg.bridge and not cfg.ifaces and not cfg.host_ifaces:
+            self.attacher.ifindex(cfg.bridge)  # fail early if it does not exist
+            self.follower = BridgeFollower(self.attacher, cfg.bridge).start()
+        self.accesslog.event("redtap.start", endpoints=[str(e) for e in cfg.endpoints] or ["*"],
+                             interfaces=sorted(a.ifname for a in self.attacher.attached.values()))
+        self.accesslog.flush()
+
+    # -- the loop ----------------------------------------------------------
+    def handle_batch(self, batch: list[bytes]) -> int:
+        if not batch:
+            return 0
+        build, record, add = self.builder.build, self.accesslog.record, self.summary.add
+        decode = abi.decode_event
+        self.builder.clock.sync()
+        n = 0
+        for raw in batch:
+            ev = decode(raw)
+            if ev is None:
+                self.stats.bad_events += 1
+                continue
+            rec = build(ev)
+            record(rec)
+            add(rec)
+            n += 1
+        self.stats.events += n
+        self.stats.batches += 1
+        self.accesslog.flush()
+        return n
+
+    def sweep_idle(self, now_ns: int | None = None) -> int:
+        """Report requests pending on connections idle past the timeout as
+        unanswered, and forget those connections. Returns requests reported."""
+        t = self.tracer
+        now_ns = now_ns if now_ns is not None else time.monotonic_ns()
+        limit = now_ns - int(self.cfg.idle_timeout_s * 1e9)
+        reported = 0
+        for key, st in list(t.pending()):
+            if st.last_ns > limit:
+                continue
+            raw_key = bytes(key)
+            if not t.conns.delete(raw_key):
+                continue  # the kernel removed it meanwhile (FIN/RST)
+            for seq in range(st.head, st.tail):
+                slot = st.fifo[seq % abi.FIFO_DEPTH]
+                url = t.take_url(key, seq)
+                flags = slot.flags | abi.EV_UNANSWERED | (0 if url is not None else abi.EV_URL_LOST)
+                ev = (slot.ts_ns, now_ns, bytes(key.caddr), bytes(key.saddr), key.cport,
+                      key.sport, 0, len(url or b""), slot.method, slot.version, flags,
+                      abi.R_IDLE, 0, url or b"")
+                rec = self.builder.build(ev)
+                self.accesslog.record(rec)
+                self.summary.add(rec)
+                reported += 1
+        self.stats.idle_unanswered += reported
+        if reported:
+            self.accesslog.flush()
+        return reported
+
+    def counters(self) -> dict:
+        k = self.tracer.stats()
+        live = sum(st.tail - st.head for _, st in self.tracer.pending())
+        # requests that vanished with an LRU-evicted connection
+        k["lru_evicted_pending"] = max(0, k["pending_pushed"] - k["pending_popped"] - live
+                                       - self.stats.idle_unanswered)
+        ru = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "kernel": k,
+            "agent": {"events": self.stats.events, "bad_events": self.stats.bad_events,
+                      "idle_unanswered": self.stats.idle_unanswered,
+                      "pending_requests": live,
+                      "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
+                      "max_rss_kb": ru.ru_maxrss},
+        }
+
+    def log_counters(self, final: bool = False) -> None:
+        self.accesslog.event("redtap.exit" if final else "redtap.stats", **self.counters())
+        self.accesslog.flush()
+
+    def run(self) -> int:
+        self.start()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        cfg = self.cfg
+        next_sweep = time.monotonic() + max(cfg.idle_timeout_s / 4, 0.2)
+        next_stats = time.monotonic() + cfg.stats_interval_s
+        try:
+            while not self.stop_requested:
+                self.handle_batch(self.rb.poll(cfg.poll_ms))
+                now = time.monotonic()
+                if now >= next_sweep:
+                    self.sweep_idle()
+                    next_sweep = now + max(cfg.idle_timeout_s / 4, 0.2)
+                if now >= next_stats:
+                    self.log_counters()
+                    next_stats = now + cfg.stats_interval_s
+        finally:
+            self.shutdown()
+        return 0
+
+    def _on_signal(self, signum, _frame) -> None:
+        self.stop_requested = True
+
+    def shutdown(self) -> None:
+        """Detach (no new events), drain what is left, flush, report."""
+        if self.follower:
+            self.follower.stop()
+        if self.attacher:
+            self.attacher.close()
+        if self.tracer:
+            self.handle_batch(self.rb.consume())
+            self.log_counters(final=True)
+            self.rb.close()
+            if self.cfg.summary:
+                print(self.summary.table(), file=sys.stderr)
+            self.accesslog.close()
+            self.tracer.close()
+            self.tracer = None

@@ -1,0 +1,89 @@
+"""The `redtap` command line."""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from . import __version__
+from .errors import RedtapError
+from .endpoints import parse_endpoint
+
+RUN_HELP = """\
+Trace HTTP/1.x on this node's pod interfaces and write one JSON line per request.
+
+Where to attach:
+  default          every veth enslaved to --bridge (cni0), following pods that
+                   come and go. Sees all traffic of local pods, including
+                   pod-to-pod traffic on the same node.
+  --attach bridge  one attachment on the bridge itself (the seed's mode). A TC
+                   hook on a bridge does NOT see frames bridged between two of
+                   its ports: same-node pod-to-pod requests are missed; only
+                   traffic to or from the host stack (other nodes, the host) is seen.
+  --iface NAME     explicit pod-side interfaces (host side of a pod's veth).
+  --host-iface NAME  host-side interfaces (uplink, lo) for hostNetwork servers:
+                   the direction rule is reversed there.
+"""
+
+
+def _run_parser(sub) -> None:
+    p = sub.add_parser("run", help="trace and write access logs", description=RUN_HELP,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--endpoint", action="append", default=[], metavar="IP[:PORT]|CIDR",
+                   help="server endpoint to trace (repeatable; IPv4/IPv6, [v6]:port, CIDR). "
+                        "None given: trace every server.")
+    p.add_argument("--bridge", default="cni0", help="bridge whose ports to follow (default cni0)")
+    p.add_argument("--attach", choices=("veths", "bridge"), default="veths",
+                   help="veths: every port of --bridge (default); bridge: the bridge only "
+                        "(misses same-node pod-to-pod traffic)")
+    p.add_argument("--iface", action="append", default=[], metavar="NAME",
+                   help="pod-side interface to attach to (repeatable; replaces --bridge)")
+    p.add_argument("--host-iface", action="append", default=[], metavar="NAME",
+                   help="host-side interface for hostNetwork servers (repeatable)")
+    p.add_argument("--log", default=None, metavar="PATH", help="access log file (default stdout)")
+    p.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="report a request unanswered after its connection is idle this long")
+    p.add_argument("--stats-interval", type=float, default=60.0, metavar="SECONDS",
+                   help="log the loss/anomaly counters this often (and at exit)")
+    p.add_argument("--poll-ms", type=int, default=50, help="ring buffer poll interval")
+    p.add_argument("--max-conns", type=int, default=None,
+                   help="tracked connections (default 65536)")
+    p.add_argument("--bpf-object", default=None, help="BPF object to load (default: the package's)")
+    p.add_argument("--summary", action="store_true",
+                   help="print a R.E.D. table per server endpoint to stderr at exit")
+    p.add_argument("-v", "--verbose", action="store_true")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="redtap", description="HTTP/1.x tracing with eBPF")
+    ap.add_argument("--version", action="version", version=f"redtap {__version__}")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    _run_parser(sub)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
+                        stream=sys.stderr, format="redtap: %(message)s")
+    try:
+        if args.cmd == "run":
+            from .agent import Agent, AgentConfig
+            cfg = AgentConfig(
+                endpoints=[parse_endpoint(e) for e in args.endpoint],
+                attach=args.attach, bridge=args.bridge, ifaces=args.iface,
+                host_ifaces=args.host_iface, log_path=args.log, bpf_object=args.bpf_object,
+                max_conns=args.max_conns, poll_ms=args.poll_ms,
+                idle_timeout_s=args.idle_timeout, stats_interval_s=args.stats_interval,
+                summary=args.summary)
+            return Agent(cfg).run()
+    except RedtapError as e:
+        print(f"redtap: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
