@@ -26,6 +26,14 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
  * timer, so small amounts are picked up within its poll interval. */
 const volatile __u32 wakeup_bytes = 256 * 1024;
 
+/* Keep every ABI type in the object's BTF: tests/unit/test_abi_btf.py
+ * checks the Python mirror (src/pyloader/abi.py) against it. */
+struct http_event *abi_http_event __attribute__((unused));
+enum stat_idx abi_stat_idx __attribute__((unused));
+enum http_method abi_http_method __attribute__((unused));
+enum unanswered_reason abi_reason __attribute__((unused));
+enum stream_mode abi_stream_mode __attribute__((unused));
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, MAX_ENDPOINTS);

@@ -67,7 +67,9 @@ def parse_endpoint(text: str) -> Endpoint:
     port = None
     try:
         if s.startswith("["):
-            addr, _, rest = s[1:].partition("]")
+            addr, close, rest = s[1:].partition("]")
+            if not close:
+                raise ValueError("missing ]")
             if rest:
                 if not rest.startswith(":"):
                     raise ValueError("expected ]:PORT")

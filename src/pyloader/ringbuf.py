@@ -28,11 +28,13 @@ class RingBuffer:
             raise BpfError(last_errno(), "creating the ring buffer reader (ring_buffer__new)")
 
     def poll(self, timeout_ms: int) -> list[bytes]:
-        """Wait up to timeout_ms for a wakeup, then return what is there."""
+        """Wait up to timeout_ms for a wakeup, then return what is there.
+        The kernel side wakes us only for a large batch (BPF_RB_NO_WAKEUP
+        otherwise), so records are also consumed when the wait times out."""
         ret = lib().ring_buffer__poll(self._rb, timeout_ms)
         if ret < 0 and last_errno(ret) != 4:  # EINTR: a signal, just return
             raise BpfError(last_errno(ret), "polling the ring buffer")
-        return self._take()
+        return self.consume()
 
     def consume(self) -> list[bytes]:
         """Return every record available now, without waiting."""
