@@ -2,6 +2,8 @@
 Every test compares the log with what the client actually sent and got."""
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections import Counter
 
@@ -175,3 +177,42 @@ def test_clean_scenarios_count_no_loss(node, agent):
 
 def agent_idle(agent) -> int:
     return agent.counters()["agent"]["idle_unanswered"]
+
+
+def test_tshark_second_opinion(node, fresh, tmp_path):
+    """tshark's HTTP dissector, capturing on the server pod's veth, sees the
+    same requests (method, URI, status) as redtap, in the same order."""
+    pcap = str(tmp_path / "cap.pcap")
+    cap = node.spawn(node.node_ns, "tshark", "-q", "-i", node.pods[NGINX].veth, "-f",
+                     "tcp port 80", "-w", pcap, stderr=open(tmp_path / "tshark.err", "w"))
+    try:
+        deadline = time.monotonic() + 15
+        while "Capturing on" not in (tmp_path / "tshark.err").read_text():
+            assert time.monotonic() < deadline and cap.poll() is None, "tshark did not start"
+            time.sleep(0.1)
+        ip = node.pods[NGINX].ip
+        node.traffic(node.pods[2].ns, "pipeline", ip, "80", "8", "/status/t{i}")
+        curl_codes(node, node.pods[3].ns, [f"http://{ip}/", f"http://{ip}/error", f"http://{ip}/x?y=1"])
+        recs = fresh.new_records(11)
+        time.sleep(0.5)
+    finally:
+        os.killpg(cap.pid, signal.SIGINT)
+        cap.wait(timeout=10)
+    out = node.ns_exec(node.node_ns, "tshark", "-r", pcap, "-Y", "http", "-T", "fields",
+                       "-e", "tcp.stream", "-e", "http.request.method", "-e", "http.request.uri",
+                       "-e", "http.response.code").stdout
+    reqs, resps = {}, {}
+    for line in out.splitlines():
+        stream, method, uri, code = (line.split("\t") + [""] * 4)[:4]
+        for m, u in zip(method.split(","), uri.split(",")):
+            if m:
+                reqs.setdefault(stream, []).append((m, u))
+        for c in code.split(","):
+            if c:
+                resps.setdefault(stream, []).append(int(c))
+    truth = []
+    for stream in sorted(reqs, key=int):
+        truth += [(m, u, c) for (m, u), c in zip(reqs[stream], resps.get(stream, []))]
+    mine = [(r["http.request.method"], r["url.path"] + ("?" + r["url.query"] if "url.query" in r else ""),
+             r["http.response.status_code"]) for r in recs]
+    assert len(truth) == 11 and sorted(mine) == sorted(truth)
