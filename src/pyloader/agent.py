@@ -149,9 +149,14 @@ class Agent:
         self.accesslog.flush()
 
     def run(self) -> int:
-        self.start()
+        # handlers first: a signal during start still detaches and reports
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        try:
+            self.start()
+        except BaseException:
+            self.shutdown()
+            raise
         cfg = self.cfg
         next_sweep = time.monotonic() + max(cfg.idle_timeout_s / 4, 0.2)
         next_stats = time.monotonic() + cfg.stats_interval_s
@@ -176,14 +181,17 @@ class Agent:
         """Detach (no new events), drain what is left, flush, report."""
         if self.follower:
             self.follower.stop()
+            self.follower = None
         if self.attacher:
             self.attacher.close()
+            self.attacher = None
         if self.tracer:
-            self.handle_batch(self.rb.consume())
-            self.log_counters(final=True)
-            self.rb.close()
-            if self.cfg.summary:
-                print(self.summary.table(), file=sys.stderr)
-            self.accesslog.close()
+            if getattr(self, "rb", None) and getattr(self, "accesslog", None):
+                self.handle_batch(self.rb.consume())
+                self.log_counters(final=True)
+                self.rb.close()
+                if self.cfg.summary:
+                    print(self.summary.table(), file=sys.stderr)
+                self.accesslog.close()
             self.tracer.close()
             self.tracer = None

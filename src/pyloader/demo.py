@@ -51,16 +51,19 @@ def find_event(lines: list[dict], name: str) -> dict | None:
     return next((r for r in reversed(lines) if r.get("event") == name), None)
 
 
+def hostport(addr: str, port: int) -> str:
+    return f"[{addr}]:{port}" if ":" in addr else f"{addr}:{port}"
+
+
 def format_record(r: dict) -> str:
-    """One compact line: time, client -> server, method, path, status, duration."""
+    """One compact line: time (UTC), client -> server, method, path, status, duration."""
     t = r.get("time", "")[11:23]
-    client = f"{r['client.address']}:{r['client.port']}"
-    server = r["server.address"]
-    server = f"[{server}]" if ":" in server else server
+    client = hostport(r["client.address"], r["client.port"])
+    server = hostport(r["server.address"], r["server.port"])
     target = r["url.path"] + (f"?{r['url.query']}" if "url.query" in r else "")
     status = r.get("http.response.status_code", "no response")
-    return (f"  {t}  {client:>22} -> {server}:{r['server.port']:<5} "
-            f"{r['http.request.method']:<5} {target:<24} {status!s:>3}  {r['duration_ms']:8.3f} ms")
+    return (f"  {t} {client:>23} -> {server:<19} {r['http.request.method']:<5} "
+            f"{target:<20} {status!s:<11} {r['duration_ms']:8.3f} ms")
 
 
 class LogTail(threading.Thread):
@@ -127,41 +130,61 @@ def stop_agent(proc: subprocess.Popen) -> int:
 class Clients:
     """Runs clients in namespaces and counts the requests they made."""
 
+    PAUSE_S = 0.1  # between steps, so the records show up between them
+
     def __init__(self, node: Node):
         self.node = node
         self.requests = 0
         self.problems: list[str] = []
+        self.lock = threading.Lock()
         self.names = {node.node_ns: "node", node.ext_ns: "ext"}
         self.names.update({p.ns: f"pod{p.index}" for p in node.pods})
 
     def step(self, what: str, ns: str, desc: str) -> None:
         log(f"> {what:<22} from {self.names[ns]:<5} {desc}")
 
-    def curl(self, what: str, ns: str, url: str, expect: int, *args: str) -> None:
-        self.step(what, ns, f"curl {' '.join(args)} {url}".replace("  ", " "))
-        r = self.node.curl(ns, "-g", "-o", "/dev/null", "-w", "%{http_code}", *args, url)
-        self.requests += 1
-        if r.stdout.strip() != str(expect):
-            self.problems.append(f"curl {url}: got {r.stdout.strip()!r}, expected {expect} "
-                                 f"{r.stderr.strip()}")
+    def count(self, n: int, problem: str | None = None) -> None:
+        with self.lock:
+            self.requests += n
+            if problem:
+                self.problems.append(problem)
 
-    def gen(self, what: str, ns: str, *args) -> None:
+    def curl(self, what: str, ns: str, url: str, expect: int, *args: str) -> None:
+        self.step(what, ns, " ".join(("curl", *args, url)))
+        r = self.node.curl(ns, "-g", "-o", "/dev/null", "-w", "%{http_code}", *args, url)
+        got = r.stdout.strip()
+        self.count(1, None if got == str(expect) else
+                   f"curl {url}: got {got!r}, expected {expect} {r.stderr.strip()}")
+        time.sleep(self.PAUSE_S)
+
+    def gen(self, what: str, ns: str, *args, pause: bool = True) -> None:
         """pyloader.trafficgen: one JSON line per request made."""
         args = [str(a) for a in args]
         self.step(what, ns, "trafficgen " + " ".join(args))
+        problem = None
         try:
             out = self.node.traffic(ns, *args).stdout
         except subprocess.CalledProcessError as e:
             out = e.stdout or ""
-            self.problems.append(f"trafficgen {' '.join(args)} failed: {(e.stderr or '').strip()}")
-        self.requests += sum(1 for line in out.splitlines() if line.strip())
+            problem = f"trafficgen {' '.join(args)} failed: {(e.stderr or '').strip()}"
+        self.count(sum(1 for line in out.splitlines() if line.strip()), problem)
+        if pause:
+            time.sleep(self.PAUSE_S)
+
+    def together(self, *jobs: tuple) -> None:
+        """Run several trafficgen jobs (what, ns, args...) at the same time."""
+        threads = [threading.Thread(target=self.gen, args=job, kwargs={"pause": False},
+                                    daemon=True) for job in jobs]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
 
 
 def drive_traffic(node: Node, c: Clients) -> None:
-    p0, p1, p2, p3 = (p.ns for p in node.pods[:4])
-    web, web6 = f"http://{node.pods[0].ip}", f"http://[{node.pods[0].ip6}]"
-    py = f"http://{node.pods[1].ip}:8080"
-    ip0, ip1 = node.pods[0].ip, node.pods[1].ip
+    p2, p3 = node.pods[2].ns, node.pods[3].ns
+    ip0, ip1, ip0v6 = node.pods[0].ip, node.pods[1].ip, node.pods[0].ip6
+    web, web6, py = f"http://{ip0}", f"http://[{ip0v6}]", f"http://{ip1}:8080"
     c.curl("same-node pod-to-pod", p2, f"{web}/", 200)
     c.curl("same-node pod-to-pod", p3, f"{web}/status/ready", 200)
     c.curl("host-to-pod", node.node_ns, f"{web}/status/health", 200)
@@ -178,8 +201,12 @@ def drive_traffic(node: Node, c: Clients) -> None:
     c.gen("POST to python", p3, "post", ip1, 8080, "/py/items", 20000)
     c.gen("keep-alive x50", p2, "keepalive", ip0, 80, 50, "/status/{i}")
     c.gen("pipelined x16", p3, "pipeline", ip0, 80, 16, "/status/p{i}")
-    c.gen("keep-alive x10", node.ext_ns, "keepalive", ip1, 8080, 10, "/py/ka{i}")
     c.gen("reset before answer", p2, "reset", ip1, 8080, "/py/slow?ms=300")
+    log("> four clients at once:")
+    c.together(("keep-alive x10", node.ext_ns, "keepalive", ip1, 8080, 10, "/py/ka{i}"),
+               ("keep-alive x20", p3, "keepalive", ip0, 80, 20, "/status/c{i}"),
+               ("IPv6 pipelined x8", node.node_ns, "pipeline", ip0v6, 80, 8, "/status/v6p{i}"),
+               ("404 keep-alive x5", p2, "keepalive", ip0, 80, 5, "/missing/{i}"))
 
 
 def wait_for_records(logpath: str, want: int, timeout: float = SETTLE_TIMEOUT_S) -> None:
@@ -189,10 +216,9 @@ def wait_for_records(logpath: str, want: int, timeout: float = SETTLE_TIMEOUT_S)
 
 
 # -- the report ----------------------------------------------------------------
-def report(lines: list[dict], started: float, requests: int) -> bool:
+def report(lines: list[dict], window_s: float, requests: int) -> bool:
     recs = records(lines)
-    red = RedSummary()
-    red.started = started  # rates over the traffic window, not since now
+    red = RedSummary(started=time.monotonic() - window_s)  # rates over the traffic window
     for r in recs:
         red.add(r)
     log("\nR.E.D. per server endpoint")
@@ -218,22 +244,26 @@ def _on_sigterm(signum, _frame) -> None:
     raise SystemExit(128 + signum)
 
 
+def start_servers(node: Node) -> None:
+    web, py = node.pods[0], node.pods[1]
+    node.start_nginx(web)
+    node.start_pyserver(py)
+    log(f"node {node.tag}: nginx on {web.ip}:80 and [{web.ip6}]:80, "
+        f"python server on {py.ip}:8080")
+
+
 def run(node: Node) -> int:
-    t0 = time.monotonic()
     node.setup()
-    node.start_nginx(node.pods[0])
-    node.start_pyserver(node.pods[1])
-    log(f"node {node.tag}: nginx on {node.pods[0].ip}:80 and [{node.pods[0].ip6}]:80, "
-        f"python server on {node.pods[1].ip}:8080 ({time.monotonic() - t0:.1f}s)")
+    start_servers(node)
     logpath = os.path.join(node.dir, "access.log")
     agent = start_agent(node, logpath)
-    tail = LogTail(logpath)
+    clients, tail = Clients(node), LogTail(logpath)
     tail.start()
     try:
-        clients = Clients(node)
         started = time.monotonic()
         drive_traffic(node, clients)
-        log(f"traffic done in {time.monotonic() - started:.1f}s")
+        window = time.monotonic() - started
+        log(f"traffic done in {window:.1f}s")
         wait_for_records(logpath, clients.requests)
         rc = stop_agent(agent)
         log(f"agent exited with status {rc}")
@@ -241,8 +271,7 @@ def run(node: Node) -> int:
         tail.stop()
     for p in clients.problems:
         log(f"warning: {p}")
-    ok = report(read_lines(logpath), started, clients.requests)
-    log(f"demo took {time.monotonic() - t0:.1f}s (before teardown)")
+    ok = report(read_lines(logpath), window, clients.requests)
     return 0 if ok and rc == 0 else 1
 
 
@@ -252,6 +281,8 @@ def main() -> int:
               file=sys.stderr)
         return 1
     signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited ignored
+    t0 = time.monotonic()
     node = Node(pods=4)
     try:
         return run(node)
@@ -262,7 +293,7 @@ def main() -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)  # let the teardown finish
         node.teardown()
-        log(f"torn down namespaces {node.tag}-*")
+        log(f"torn down {node.tag}-* (demo took {time.monotonic() - t0:.1f}s)")
 
 
 if __name__ == "__main__":

@@ -182,7 +182,7 @@ class Node:
     def wait_port(self, ns: str, ip: str, port: int, timeout: float = 10.0) -> None:
         end = time.monotonic() + timeout
         while time.monotonic() < end:
-            r = self.ns_exec(self.node_ns, "bash", "-c", f"exec 3<>/dev/tcp/{ip}/{port}", check=False)
+            r = self.ns_exec(ns, "bash", "-c", f"exec 3<>/dev/tcp/{ip}/{port}", check=False)
             if r.returncode == 0:
                 return
             time.sleep(0.05)
@@ -209,7 +209,10 @@ class Node:
             try:
                 p.wait(timeout=5)
             except subprocess.TimeoutExpired:
-                os.killpg(p.pid, signal.SIGKILL)
+                try:
+                    os.killpg(p.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 p.wait()
         self.procs.clear()
 

@@ -16,6 +16,7 @@ from urllib.parse import parse_qs, urlsplit
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "redtap-testserver"
+    disable_nagle_algorithm = True  # no 40 ms delayed-ACK stalls on keep-alive
 
     def log_message(self, *args):  # quiet
         pass
