@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from . import abi
 from .accesslog import AccessLog, RecordBuilder
 from .attach import BridgeFollower, TcAttacher
+from .component import overridden
 from .endpoints import WILDCARD, Endpoint
 from .ringbuf import RingBuffer
 from .summary import RedSummary
@@ -33,6 +34,7 @@ class AgentConfig:
     idle_timeout_s: float = 60.0
     stats_interval_s: float = 60.0
     summary: bool = False             # print a R.E.D. table to stderr at exit
+    components: list = field(default_factory=list)  # pyloader.component.Component
 
 
 class UserStats:
@@ -73,16 +75,29 @@ class Agent:
         elif cfg.bridge and not cfg.ifaces and not cfg.host_ifaces:
             self.attacher.ifindex(cfg.bridge)  # fail early if it does not exist
             self.follower = BridgeFollower(self.attacher, cfg.bridge).start()
+        self.processors = overridden(cfg.components, "process")
+        self.observers = [self.summary.add] + overridden(cfg.components, "observe")
+        self.tickers = overridden(cfg.components, "tick")
+        for c in cfg.components:
+            c.start(self)
         self.accesslog.event("redtap.start", endpoints=[str(e) for e in cfg.endpoints] or ["*"],
                              interfaces=sorted(a.ifname for a in self.attacher.attached.values()))
         self.accesslog.flush()
+
+    def emit(self, rec: dict) -> None:
+        """One record through the pipeline: processors, the log, observers."""
+        for p in self.processors:
+            p(rec)
+        self.accesslog.record(rec)
+        for o in self.observers:
+            o(rec)
 
     # -- the loop ----------------------------------------------------------
     def handle_batch(self, batch: list[bytes]) -> int:
         if not batch:
             return 0
-        build, record, add = self.builder.build, self.accesslog.record, self.summary.add
-        decode = abi.decode_event
+        build, record, decode = self.builder.build, self.accesslog.record, abi.decode_event
+        processors, observers = self.processors, self.observers
         self.builder.clock.sync()
         n = 0
         for raw in batch:
@@ -91,8 +106,11 @@ class Agent:
                 self.stats.bad_events += 1
                 continue
             rec = build(ev)
+            for p in processors:
+                p(rec)
             record(rec)
-            add(rec)
+            for o in observers:
+                o(rec)
             n += 1
         self.stats.events += n
         self.stats.batches += 1
@@ -119,9 +137,7 @@ class Agent:
                 ev = (slot.ts_ns, now_ns, bytes(key.caddr), bytes(key.saddr), key.cport,
                       key.sport, 0, len(url or b""), slot.method, slot.version, flags,
                       abi.R_IDLE, 0, url or b"")
-                rec = self.builder.build(ev)
-                self.accesslog.record(rec)
-                self.summary.add(rec)
+                self.emit(self.builder.build(ev))
                 reported += 1
         self.stats.idle_unanswered += reported
         if reported:
@@ -135,7 +151,10 @@ class Agent:
         k["lru_evicted_pending"] = max(0, k["pending_pushed"] - k["pending_popped"] - live
                                        - self.stats.idle_unanswered)
         ru = resource.getrusage(resource.RUSAGE_SELF)
-        return {
+        extra = {}
+        for c in self.cfg.components:
+            extra.update(c.counters())
+        return {**extra,
             "kernel": k,
             "agent": {"events": self.stats.events, "bad_events": self.stats.bad_events,
                       "idle_unanswered": self.stats.idle_unanswered,
@@ -164,6 +183,8 @@ class Agent:
             while not self.stop_requested:
                 self.handle_batch(self.rb.poll(cfg.poll_ms))
                 now = time.monotonic()
+                for t in self.tickers:
+                    t(now)
                 if now >= next_sweep:
                     self.sweep_idle()
                     next_sweep = now + max(cfg.idle_timeout_s / 4, 0.2)
@@ -188,6 +209,11 @@ class Agent:
         if self.tracer:
             if getattr(self, "rb", None) and getattr(self, "accesslog", None):
                 self.handle_batch(self.rb.consume())
+                for c in self.cfg.components:
+                    try:
+                        c.stop()
+                    except Exception as e:  # one part failing must not lose the rest
+                        log.warning("stopping %s: %s", c.name, e)
                 self.log_counters(final=True)
                 self.rb.close()
                 if self.cfg.summary:
