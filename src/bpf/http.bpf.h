@@ -11,7 +11,7 @@
 
 #include "redtap.h"
 
-#define LINE_UNKNOWN 0xffffffffu
+#define LINE_UNKNOWN 0x80000000u /* line_start when not known */
 
 /* per-CPU window buffer for scan_head (SCAN_WINDOW + slack for 8-byte loads) */
 struct {
@@ -218,6 +218,31 @@ static __always_inline __u8 match_method(__u64 v, __u32 *len)
 	if (v == STR8('O', 'P', 'T', 'I', 'O', 'N', 'S', ' ')) { *len = 7; return M_OPTIONS; }
 	if (v == STR8('C', 'O', 'N', 'N', 'E', 'C', 'T', ' ')) { *len = 7; return M_CONNECT; }
 	return M_UNKNOWN;
+}
+
+/* Can the @n (< 8) bytes in @v start a request line? Upper-case letters,
+ * a space (after at least 3), then visible characters. */
+static __always_inline int maybe_method_start(__u64 v, __u32 n)
+{
+	int ok = 1, sp = 0;
+
+#pragma unroll
+	for (int i = 0; i < 7; i++) {
+		__u8 c = v >> (8 * i);
+		int good;
+
+		if (sp)
+			good = c > ' ' && c < 0x7f;
+		else if (c == ' ')
+			good = i >= 3;
+		else
+			good = c >= 'A' && c <= 'Z';
+		if (i < n) {
+			ok &= good;
+			sp |= c == ' ';
+		}
+	}
+	return ok;
 }
 
 /* "HTTP/1.x" -> 10 or 11; 0 if not an HTTP/1.x version. */

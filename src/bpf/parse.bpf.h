@@ -21,6 +21,7 @@ struct pkt {
 	__u16 sport;       /* host byte order */
 	__u16 dport;
 	__u32 seq;         /* host byte order */
+	__u32 ack;         /* host byte order */
 	__u32 payload_off; /* offset of the TCP payload in the skb */
 	__u32 payload_len;
 	__u8 tcp_flags;
@@ -83,6 +84,7 @@ static __always_inline int parse_tcp_packet(struct __sk_buff *skb, struct pkt *p
 	p->sport = bpf_ntohs(th.source);
 	p->dport = bpf_ntohs(th.dest);
 	p->seq = bpf_ntohl(th.seq);
+	p->ack = bpf_ntohl(th.ack_seq);
 	p->tcp_flags = ((__u8 *)&th)[13];
 	p->payload_off = l4_off + th.doff * 4;
 	if (ip_end > skb->len)

@@ -17,6 +17,7 @@
 #include "redtap.h"
 #include "parse.bpf.h"
 #include "http.bpf.h"
+#include "stream.bpf.h"
 
 #define TC_ACT_UNSPEC_ (-1)
 
@@ -25,6 +26,9 @@ char LICENSE[] SEC("license") = "Dual BSD/GPL";
 /* Wake the consumer only when this much data waits; it also polls on a
  * timer, so small amounts are picked up within its poll interval. */
 const volatile __u32 wakeup_bytes = 256 * 1024;
+/* Offline replay (BPF_PROG_TEST_RUN of a capture): take the time from
+ * skb->tstamp, set from the capture, instead of the clock. */
+const volatile __u8 clock_from_skb = 0;
 
 /* Keep every ABI type in the object's BTF: tests/unit/test_abi_btf.py
  * checks the Python mirror (src/pyloader/abi.py) against it. */
@@ -68,8 +72,39 @@ struct {
 	__type(value, __u64);
 } stats SEC(".maps");
 
+/* What one step of walking a segment needs (global functions take at
+ * most 5 arguments and no pointers inside structs). */
+struct walk_args {
+	struct conn_key key;
+	__u64 now;
+	__u32 payload_off;
+	__u32 payload_len;
+	__u32 off;        /* payload offset of the next unparsed byte */
+	__u32 ifindex;
+	__u32 seq;        /* TCP sequence number of the payload's first byte */
+	__u32 ack;        /* TCP acknowledgement number of the segment */
+	__u32 is_req;
+	__u32 pad;
+};
+
+/* What an event carries besides the pending request. */
+struct emit_args {
+	__u64 resp_ns;      /* first response byte, or when given up */
+	__u64 last_ns;      /* last response byte (EV_RESP_END)      */
+	__u64 resp_body;    /* EV_RESP_BODY                          */
+	__u32 ifindex;
+	__u16 status;       /* 0: unanswered                         */
+	__u8 reason;        /* enum unanswered_reason                */
+	__u8 flags;         /* extra EV_* flags                      */
+};
+
 /* per-CPU scratch space: too big for the 512-byte stack */
 struct scratch {
+	struct pkt pkt;        /* handle()                */
+	struct endpoint_key ek;
+	struct walk_args wa;   /* handle() -> walk_step() */
+	struct emit_args ea;   /* finish_response(), flush_pending() -> emit() */
+	struct url_key euk;    /* emit()                  */
 	__u8 hdr[32];          /* first bytes of a message */
 	struct head_scan scan;
 	struct url_key ukey;
@@ -93,23 +128,24 @@ static __always_inline void stat_add(__u32 idx, __u64 n)
 }
 #define stat_inc(idx) stat_add(idx, 1)
 
-/* Send one request (answered or not) to user space. The request-target
- * waiting in pending_urls is moved into the event. */
-#define WHERE(reason, ifindex) ((__u64)(reason) << 32 | (__u32)(ifindex))
-/* @where: WHERE(enum unanswered_reason, ifindex of the interface) */
-__noinline int emit(struct conn_key *key, struct pending_req *r, __u16 status,
-		    __u64 resp_ns, __u64 where)
+/* Send request number @seq (answered or not) to user space. Its
+ * request-target waiting in pending_urls is moved into the event. */
+__noinline int emit(struct conn_key *key, struct pending_req *r, __u32 seq, struct emit_args *ea)
 {
-	__u8 reason = where >> 32;
-	struct url_key uk = {};
 	struct http_event *e;
+	struct url_key *uk;
+	struct scratch *sc;
 	struct url_val *u;
+	__u32 zero = 0;
 
-	if (!key || !r)
+	sc = bpf_map_lookup_elem(&scratch_map, &zero);
+	if (!key || !r || !ea || !sc)
 		return 0;
-	uk.conn = *key;
-	uk.seq = r->seq;
-	u = bpf_map_lookup_elem(&pending_urls, &uk);
+	uk = &sc->euk;
+	uk->conn = *key;
+	uk->seq = seq;
+	uk->pad = 0;
+	u = bpf_map_lookup_elem(&pending_urls, uk);
 
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
@@ -117,16 +153,19 @@ __noinline int emit(struct conn_key *key, struct pending_req *r, __u16 status,
 		goto out;
 	}
 	e->req_ns = r->ts_ns;
-	e->resp_ns = resp_ns;
+	e->resp_ns = ea->resp_ns;
+	e->resp_last_ns = ea->last_ns;
+	e->req_body = r->req_body;
+	e->resp_body = ea->resp_body;
 	e->conn = *key;
-	e->status = status;
+	e->status = ea->status;
 	e->method = r->method;
 	e->version = r->version;
-	e->flags = r->flags;
-	e->reason = reason;
-	e->ifindex = (__u32)where;
+	e->flags = r->flags | ea->flags;
+	e->reason = ea->reason;
+	e->ifindex = ea->ifindex;
 	e->pad = 0;
-	if (reason)
+	if (ea->reason)
 		e->flags |= EV_UNANSWERED;
 	if (u) {
 		e->url_len = u->len > MAX_URL_LEN ? MAX_URL_LEN : u->len;
@@ -140,141 +179,180 @@ __noinline int emit(struct conn_key *key, struct pending_req *r, __u16 status,
 	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
 	bpf_ringbuf_submit(e, avail >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 	stat_inc(S_EVENTS);
-	if (reason)
+	if (ea->reason)
 		stat_inc(S_UNANSWERED);
 out:
 	if (u)
-		bpf_map_delete_elem(&pending_urls, &uk);
+		bpf_map_delete_elem(&pending_urls, uk);
 	return 0;
 }
 
-/* Report every pending request of a closing connection as unanswered;
- * resp_ns of such an event is the time it was given up. */
-static __always_inline void flush_pending(struct conn_key *key, struct conn_state *c,
-					  __u8 reason, __u32 ifindex, __u64 now)
+/* The response to the FIFO head is complete (or will not be followed
+ * further): send it and pop the head. @end_flags: EV_RESP_END|EV_RESP_BODY
+ * when the last byte and the body size are known. */
+#define FLAGS_IF(flags, ifindex) ((__u64)(flags) << 32 | (__u32)(ifindex))
+/* @flags_if: FLAGS_IF(end_flags, ifindex). A global function (verified once). */
+__noinline int finish_response(struct conn_key *key, struct conn_state *c, __u64 flags_if,
+			       __u64 last_ns)
 {
-	for (int i = 0; i < FIFO_DEPTH; i++) {
-		if (c->head == c->tail)
-			break;
-		emit(key, &c->fifo[c->head % FIFO_DEPTH], 0, now, WHERE(reason, ifindex));
+	__u8 end_flags = flags_if >> 32;
+	__u32 ifindex = (__u32)flags_if, zero = 0;
+	struct scratch *sc = bpf_map_lookup_elem(&scratch_map, &zero);
+	struct emit_args *ea;
+
+	if (!key || !c || !sc || !c->resp_status)
+		return 0;
+	if (c->head != c->tail) {
+		ea = &sc->ea;
+		ea->resp_ns = c->resp_first_ns;
+		ea->last_ns = (end_flags & EV_RESP_END) ? last_ns : 0;
+		ea->resp_body = c->resp.body_seen;
+		ea->ifindex = ifindex;
+		ea->status = c->resp_status;
+		ea->reason = R_NONE;
+		ea->flags = end_flags;
+		emit(key, &c->fifo[c->head % FIFO_DEPTH], c->head, ea);
 		c->head++;
 		stat_inc(S_PENDING_POPPED);
 	}
+	c->resp_status = 0;
+	return 0;
 }
 
-/* Where the new data of this segment starts, after TCP sequence checks.
- * Returns the payload offset to parse from, or -1 to skip the segment. */
-static __always_inline int seg_start(struct stream_state *st, struct pkt *p)
+/* Report every pending request as unanswered (@reason); resp_ns of such
+ * an event is the time it was given up. */
+/* @reason_if: FLAGS_IF(reason, ifindex). A global function (verified once). */
+__noinline int flush_pending(struct conn_key *key, struct conn_state *c, __u64 reason_if,
+			     __u64 now)
 {
-	__s32 d, end_d;
-	int start = 0;
+	__u8 reason = reason_if >> 32;
+	__u32 ifindex = (__u32)reason_if, zero = 0;
+	struct scratch *sc = bpf_map_lookup_elem(&scratch_map, &zero);
+	struct emit_args *ea;
 
-	if (st->seq_valid) {
-		d = (__s32)(p->seq - st->next_seq);
-		end_d = d + (__s32)p->payload_len;
-		if (end_d <= 0) {
-			stat_inc(S_RETRANSMIT);
-			return -1;
-		}
-		if (d < 0) {
-			start = -d; /* overlap: parse only the new bytes */
-		} else if (d > 0) {
-			/* bytes missing: harmless inside a body of known length */
-			if (st->mode == SM_BODY && st->body_left >= (__u64)d) {
-				st->body_left -= d;
-			} else if (st->mode != SM_UNTIL_CLOSE && st->mode != SM_TUNNEL) {
-				st->mode = SM_UNSYNC;
-				stat_inc(S_GAP);
-			}
-		}
-	}
-	st->next_seq = p->seq + p->payload_len;
-	st->seq_valid = 1;
-	return start;
-}
-
-/* After a complete head: how the body is framed. */
-static __always_inline void frame_body(struct stream_state *st, __u8 flags, __u64 cl,
-				       int has_body, int close_delimited)
-{
-	if (!has_body) {
-		st->mode = SM_HEAD;
-	} else if (flags & HF_BAD_LENGTH) {
-		st->mode = SM_UNSYNC;
-		stat_inc(S_UNSUPPORTED_FRAMING);
-	} else if (flags & HF_CHUNKED) {
-		st->mode = SM_UNSYNC; /* chunk framing: resync at the next message */
-		stat_inc(S_UNSUPPORTED_FRAMING);
-	} else if (flags & HF_CONTENT_LENGTH) {
-		st->body_left = cl;
-		st->mode = cl ? SM_BODY : SM_HEAD;
-	} else {
-		st->mode = close_delimited ? SM_UNTIL_CLOSE : SM_HEAD;
-	}
-}
-
-/* Has the body of the response to @r (status @status)? RFC 9112 6.3 */
-static __always_inline int response_has_body(__u8 method, __u16 status)
-{
-	if (method == M_HEAD || status < 200 || status == 204 || status == 304)
+	if (!key || !c || !sc)
 		return 0;
-	return 1;
+	ea = &sc->ea;
+	__builtin_memset(ea, 0, sizeof(*ea));
+	ea->resp_ns = now;
+	ea->ifindex = ifindex;
+	ea->reason = reason;
+	for (int i = 0; i < FIFO_DEPTH; i++) {
+		if (c->head == c->tail)
+			break;
+		emit(key, &c->fifo[c->head % FIFO_DEPTH], c->head, ea);
+		c->head++;
+		stat_inc(S_PENDING_POPPED);
+		if (reason == R_LOST)
+			stat_inc(S_RESYNC_DROPPED);
+	}
+	return 0;
 }
-
-/* What one step of walking a segment needs (global functions take at
- * most 5 arguments and no pointers inside structs). */
-struct walk_args {
-	struct conn_key key;
-	__u64 now;
-	__u32 payload_off;
-	__u32 payload_len;
-	__u32 off;        /* payload offset of the next unparsed byte */
-	__u32 ifindex;
-	__u32 is_req;
-	__u32 pad;
-};
 
 #define ST(c, a) ((a)->is_req ? &(c)->req : &(c)->resp)
 
-/* Continue a head that began in an earlier segment. Returns bytes used,
- * or -1 when the segment ends still inside it. */
+/* A stream lost track of message boundaries (gap, garbage, bad framing).
+ * Responses: the pending requests can no longer be paired safely, so
+ * they are reported (R_LOST) and the next request's response is checked
+ * by ACK. Requests: a request may have been missed, so the response to
+ * the next one is checked by ACK (see check_early_response). */
+static __always_inline void lost_sync(struct conn_state *c, struct walk_args *a)
+{
+	if (!a->is_req) {
+		finish_response(&a->key, c, FLAGS_IF(0, a->ifindex), 0);
+		flush_pending(&a->key, c, FLAGS_IF(R_LOST, a->ifindex), a->now);
+	}
+	c->check_on = 2;
+}
+
+/* A message body ended (@size bytes). */
+static __always_inline void message_done(struct conn_state *c, struct walk_args *a,
+					 __u64 size)
+{
+	if (a->is_req) {
+		if (c->req_pushed && c->tail != c->head) {
+			struct pending_req *r = &c->fifo[(c->tail - 1) % FIFO_DEPTH];
+
+			r->req_body = size > 0xffffffffULL ? 0xffffffff : size;
+			r->flags |= EV_REQ_BODY;
+		}
+		c->req_pushed = 0;
+	} else {
+		finish_response(&a->key, c, FLAGS_IF(EV_RESP_END | EV_RESP_BODY, a->ifindex), a->now);
+	}
+}
+
+/* After a complete head (frame_body's result @fr): finish or wait. */
+static __always_inline void after_head(struct conn_state *c, struct walk_args *a, int fr)
+{
+	if (fr > 0) {
+		message_done(c, a, 0);
+	} else if (fr < 0) {
+		stat_inc(S_UNSUPPORTED_FRAMING);
+		lost_sync(c, a);
+	}
+}
+
+/* A head is cut by the end of the segment after @scanned bytes of it:
+ * keep all the scan knows, so that the next segment continues it exactly
+ * (a header name or value may be split too). @keep: HF_NO_BODY, HF_TRAILER. */
+static __always_inline void park_head(struct stream_state *st, struct head_scan *s,
+				      __u32 scanned, __u8 keep)
+{
+	st->mode = SM_HEADERS;
+	st->hdr_w0 = s->w0;
+	st->hdr_w1 = s->w1;
+	st->hdr_cl = s->cl;
+	if (s->line_start == LINE_UNKNOWN)
+		st->line_len = LINE_UNKNOWN;
+	else
+		st->line_len = (scanned - s->line_start) | (s->colon ? LINE_COLON : 0);
+	st->hdr_flags = keep | s->flags | (s->in_start ? HF_IN_START : 0) |
+			(s->in_cl ? HF_IN_CL : 0) | (s->in_te ? HF_IN_TE : 0);
+}
+
+/* Continue a head (or a chunked trailer) that began in an earlier
+ * segment. Returns bytes used, or -1 when the segment ends inside it. */
 static __always_inline int continue_head(struct __sk_buff *skb, struct conn_state *c,
-					 struct walk_args *a, __u32 off,
-					 struct scratch *sc)
+					 struct walk_args *a, __u32 off, struct scratch *sc)
 {
 	struct stream_state *st = ST(c, a);
-	int is_req = a->is_req;
 	struct head_scan *s = &sc->scan;
+	__u8 keep = st->hdr_flags & (HF_NO_BODY | HF_TRAILER);
 	int r;
 
-	s->line_start = LINE_UNKNOWN;
-	s->w0 = st->last4;
+	s->w0 = st->hdr_w0;
+	s->w1 = st->hdr_w1;
 	s->cl = st->hdr_cl;
 	s->flags = st->hdr_flags & (HF_CONTENT_LENGTH | HF_CHUNKED | HF_BAD_LENGTH);
 	s->in_start = !!(st->hdr_flags & HF_IN_START);
+	s->in_cl = !!(st->hdr_flags & HF_IN_CL);
+	s->in_te = !!(st->hdr_flags & HF_IN_TE);
+	if (st->line_len == LINE_UNKNOWN) {
+		s->line_start = LINE_UNKNOWN;
+	} else { /* the line began line_len bytes before this segment */
+		s->line_start = 0 - (st->line_len & ~LINE_COLON);
+		s->colon = !!(st->line_len & LINE_COLON);
+	}
 	r = scan_head(skb, a->payload_off + off, a->payload_len - off, s);
 	if (r == SCAN_MORE) {
-		st->last4 = (__u32)s->w0;
-		st->hdr_cl = s->cl;
-		st->hdr_flags = (st->hdr_flags & ~(HF_CONTENT_LENGTH | HF_CHUNKED | HF_BAD_LENGTH)) | s->flags;
+		park_head(st, s, a->payload_len - off, keep);
 		return -1;
 	}
 	if (r == SCAN_TOO_LONG) {
 		stat_inc(S_HEADER_TOO_LONG);
 		st->mode = SM_UNSYNC;
+		lost_sync(c, a);
 		return -1;
 	}
-	frame_body(st, s->flags, s->cl, !(st->hdr_flags & HF_NO_BODY), !is_req);
+	if (keep & HF_TRAILER) { /* end of a chunked body */
+		st->mode = SM_HEAD;
+		stat_inc(S_CHUNKED);
+		message_done(c, a, st->body_seen);
+	} else {
+		after_head(c, a, frame_body(st, s->flags, s->cl, !(keep & HF_NO_BODY), !a->is_req));
+	}
 	return s->hdr_end;
-}
-
-/* A head is cut by the end of the segment: keep what the scan knows. */
-static __always_inline void park_head(struct stream_state *st, struct head_scan *s, int no_body)
-{
-	st->mode = SM_HEADERS;
-	st->last4 = (__u32)s->w0;
-	st->hdr_cl = s->cl;
-	st->hdr_flags = s->flags | (no_body ? HF_NO_BODY : 0) | (s->in_start ? HF_IN_START : 0);
 }
 
 /* The first bytes of a message: a start kept from the end of the previous
@@ -317,7 +395,7 @@ static __always_inline int parse_request(struct __sk_buff *skb, struct conn_stat
 	struct url_val *u = &sc->url;
 	__u32 avail = a->payload_len - off;
 	__u32 mlen = 0, plen, u0, k = 0, useg, ulen;
-	__u8 method, version = 0, flags = 0, url_done = 0;
+	__u8 method, version = 0, flags = 0, url_done = 0, pushed = 0;
 	__u64 first, ts = a->now;
 	int r;
 
@@ -387,8 +465,14 @@ static __always_inline int parse_request(struct __sk_buff *skb, struct conn_stat
 		struct pending_req *slot = &c->fifo[c->tail % FIFO_DEPTH];
 		struct url_key *uk = &sc->ukey;
 
+		if (c->check_on == 2) { /* see check_early_response */
+			c->check_on = 1;
+			c->check_idx = c->tail;
+			c->check_seq = a->seq + off;
+		}
+		pushed = 1;
 		slot->ts_ns = ts;
-		slot->seq = c->tail;
+		slot->req_body = 0;
 		slot->method = method;
 		slot->version = version;
 		slot->flags = flags;
@@ -406,19 +490,35 @@ static __always_inline int parse_request(struct __sk_buff *skb, struct conn_stat
 	}
 
 	st->partial_len = 0;
+	c->req_pushed = pushed;
 	if (r == SCAN_MORE) {
-		park_head(st, s, 0);
+		park_head(st, s, avail - u0, 0);
 		return -1;
 	}
 	if (r == SCAN_TOO_LONG) {
 		stat_inc(S_HEADER_TOO_LONG);
 		st->mode = SM_UNSYNC;
+		lost_sync(c, a);
 		return -1;
 	}
-	frame_body(st, s->flags, s->cl, 1, 0);
+	after_head(c, a, frame_body(st, s->flags, s->cl, 1, 0));
 	if (method == M_CONNECT)
 		st->mode = SM_TUNNEL; /* what follows is not HTTP (if accepted) */
 	return u0 + s->hdr_end;
+}
+
+/* The first response after a (re)start of tracking must not be paired
+ * with a request its server had not received when it answered: such a
+ * response answers an earlier request that was not seen (the agent started
+ * mid-connection, or request data was lost). Its ACK tells. */
+static __always_inline int check_early_response(struct conn_state *c, struct walk_args *a)
+{
+	if (c->check_on != 1 || c->head != c->check_idx)
+		return 0;
+	if ((__s32)(a->ack - c->check_seq) <= 0)
+		return 1;
+	c->check_on = 0;
+	return 0;
 }
 
 /* Parse one response at payload offset @off (see parse_request). */
@@ -447,13 +547,15 @@ static __always_inline int parse_response(struct __sk_buff *skb, struct conn_sta
 		__u64 ts = st->mode == SM_PARTIAL ? st->body_left : a->now;
 
 		stat_inc(S_RESPONSES);
+		finish_response(&a->key, c, FLAGS_IF(0, a->ifindex), 0); /* one still open: framing lost */
 		if (c->head != c->tail) {
-			struct pending_req *r0 = &c->fifo[c->head % FIFO_DEPTH];
-
-			method = r0->method;
-			emit(&a->key, r0, status, ts, WHERE(R_NONE, a->ifindex));
-			c->head++;
-			stat_inc(S_PENDING_POPPED);
+			if (check_early_response(c, a)) {
+				stat_inc(S_EARLY_RESPONSE);
+			} else {
+				method = c->fifo[c->head % FIFO_DEPTH].method;
+				c->resp_status = status;
+				c->resp_first_ns = ts;
+			}
 		} else if (c->overflow) {
 			c->overflow--;
 			stat_inc(S_OVERFLOW_RESPONSES);
@@ -468,6 +570,7 @@ static __always_inline int parse_response(struct __sk_buff *skb, struct conn_sta
 	s->line_start = LINE_UNKNOWN;
 	r = scan_head(skb, a->payload_off + off, avail, s);
 	if (status == 101 || (method == M_CONNECT && status >= 200 && status < 300)) {
+		finish_response(&a->key, c, FLAGS_IF(EV_RESP_END | EV_RESP_BODY, a->ifindex), a->now);
 		c->req.mode = SM_TUNNEL;
 		st->mode = SM_TUNNEL;
 		return -1;
@@ -475,27 +578,29 @@ static __always_inline int parse_response(struct __sk_buff *skb, struct conn_sta
 	if (method == M_CONNECT && c->req.mode == SM_TUNNEL)
 		c->req.mode = SM_HEAD; /* CONNECT refused: HTTP goes on */
 	if (r == SCAN_MORE) {
-		park_head(st, s, !has_body);
+		park_head(st, s, avail, has_body ? 0 : HF_NO_BODY);
 		return -1;
 	}
 	if (r == SCAN_TOO_LONG) {
 		stat_inc(S_HEADER_TOO_LONG);
 		st->mode = SM_UNSYNC;
+		lost_sync(c, a);
 		return -1;
 	}
-	frame_body(st, s->flags, s->cl, has_body, 1);
+	after_head(c, a, frame_body(st, s->flags, s->cl, has_body, 1));
 	return s->hdr_end;
 }
 
-/* Take one step through a segment's new bytes: skip body bytes, or
- * parse one message head. Returns 1 to go on, 0 when done. A global
- * function: verified once, called up to MAX_MSGS_PER_SEG times. */
+/* Take one step through a segment's new bytes: skip body bytes, read a
+ * chunk-size line, or parse one message head. Returns 1 to go on, 0 when
+ * done. A global function: verified once, called up to MAX_STEPS_PER_SEG
+ * times. */
 __noinline int walk_step(struct __sk_buff *skb, struct conn_state *c, struct walk_args *a)
 {
 	struct stream_state *st;
 	struct scratch *sc;
-	__u32 off, len, zero = 0;
-	int used;
+	__u32 off, len, zero = 0, used = 0;
+	int r;
 
 	if (!c || !a)
 		return 0;
@@ -509,19 +614,62 @@ __noinline int walk_step(struct __sk_buff *skb, struct conn_state *c, struct wal
 	if (off >= len)
 		return 0;
 	switch (st->mode) {
-	case SM_BODY: {
+	case SM_BODY:
+	case SM_CHUNK_DATA: {
 		__u64 n = len - off;
 
 		if (n > st->body_left)
 			n = st->body_left;
 		st->body_left -= n;
 		a->off = off + n;
-		if (!st->body_left)
+		if (st->mode == SM_BODY)
+			st->body_seen += n;
+		if (st->body_left)
+			return 1;
+		if (st->mode == SM_BODY) {
 			st->mode = SM_HEAD;
+			message_done(c, a, st->body_seen);
+		} else {
+			st->mode = SM_CHUNK_SIZE;
+			st->hdr_cl = 0;
+			st->hdr_flags = 0;
+		}
+		return 1;
+	}
+	case SM_CHUNK_SIZE: {
+		__u32 n = len - off;
+
+		if (n > 16)
+			n = 16;
+		n &= 31;
+		if (!n || bpf_skb_load_bytes(skb, a->payload_off + off, sc->hdr, n) < 0)
+			return 0;
+		r = chunk_size_line(st, sc->hdr, n, &used);
+		a->off = off + used;
+		if (r == CL_BAD) {
+			stat_inc(S_UNSUPPORTED_FRAMING);
+			st->mode = SM_UNSYNC;
+			lost_sync(c, a);
+			return 0;
+		}
+		if (r == CL_DONE) {
+			if (st->hdr_cl == 0) { /* last chunk: trailer section follows */
+				st->mode = SM_HEADERS;
+				st->hdr_flags = HF_TRAILER;
+				st->hdr_w0 = 0x0d0a; /* a line just ended */
+				st->hdr_w1 = 0;
+				st->line_len = 0;
+				st->hdr_cl = 0;
+			} else {
+				st->mode = SM_CHUNK_DATA;
+				st->body_left = st->hdr_cl + 2; /* data + CRLF */
+				st->body_seen += st->hdr_cl;
+			}
+		}
 		return 1;
 	}
 	case SM_HEADERS:
-		used = continue_head(skb, c, a, off, sc);
+		r = continue_head(skb, c, a, off, sc);
 		break;
 	case SM_UNSYNC:
 		if (off != 0)
@@ -529,128 +677,166 @@ __noinline int walk_step(struct __sk_buff *skb, struct conn_state *c, struct wal
 		/* fall through */
 	case SM_HEAD:
 	case SM_PARTIAL:
-		used = a->is_req ? parse_request(skb, c, a, off, sc) :
-				   parse_response(skb, c, a, off, sc);
-		if (used == 0) {
+		r = a->is_req ? parse_request(skb, c, a, off, sc) : parse_response(skb, c, a, off, sc);
+		if (r == 0) {
 			if (st->mode == SM_HEAD || st->mode == SM_PARTIAL) {
 				stat_inc(S_PARSE_FAILED);
 				st->mode = SM_UNSYNC;
+				lost_sync(c, a);
 			}
 			return 0;
 		}
 		break;
-	default: /* SM_UNTIL_CLOSE, SM_TUNNEL */
+	case SM_UNTIL_CLOSE:
+		st->body_seen += len - off;
+		return 0;
+	default: /* SM_TUNNEL */
 		return 0;
 	}
-	if (used < 0)
+	if (r < 0)
 		return 0;
-	a->off = off + used;
+	a->off = off + r;
 	return 1;
 }
 
 static __always_inline int handle(struct __sk_buff *skb, int is_req)
 {
-	struct endpoint_key ek = {};
-	struct conn_key key = {};
+	struct endpoint_key *ek;
 	struct conn_state *c;
-	struct pkt p;
+	struct scratch *sc;
+	struct walk_args *a;
+	struct pkt *pp;
 	__u32 zero = 0;
+	/* ctx fields read once, up front: the verifier wants fixed offsets */
+	__u32 ifindex = skb->ifindex;
+	__u64 tstamp = skb->tstamp;
 
-	if (parse_tcp_packet(skb, &p) < 0)
+	sc = bpf_map_lookup_elem(&scratch_map, &zero);
+	if (!sc)
 		return TC_ACT_UNSPEC_;
-	if (p.payload_len == 0 && !(p.tcp_flags & (TCPF_FIN | TCPF_RST)))
+	pp = &sc->pkt;
+	if (parse_tcp_packet(skb, pp) < 0)
+		return TC_ACT_UNSPEC_;
+	if (pp->payload_len == 0 && !(pp->tcp_flags & (TCPF_FIN | TCPF_RST)))
 		return TC_ACT_UNSPEC_; /* pure ACK / SYN: nothing to parse */
 
 	/* the server end: destination of requests, source of responses */
-	if (is_req) {
-		__builtin_memcpy(key.caddr, p.src, 16);
-		__builtin_memcpy(key.saddr, p.dst, 16);
-		key.cport = p.sport;
-		key.sport = p.dport;
-	} else {
-		__builtin_memcpy(key.caddr, p.dst, 16);
-		__builtin_memcpy(key.saddr, p.src, 16);
-		key.cport = p.dport;
-		key.sport = p.sport;
-	}
-	ek.prefixlen = 144;
-	__builtin_memcpy(ek.addr, key.saddr, 16);
-	ek.port = bpf_htons(key.sport);
-	if (!bpf_map_lookup_elem(&endpoints, &ek))
+	ek = &sc->ek;
+	ek->prefixlen = 144;
+	__builtin_memcpy(ek->addr, is_req ? pp->dst : pp->src, 16);
+	ek->port = bpf_htons(is_req ? pp->dport : pp->sport);
+	if (!bpf_map_lookup_elem(&endpoints, ek))
 		return TC_ACT_UNSPEC_;
 
-	__u64 now = bpf_ktime_get_ns();
-	c = bpf_map_lookup_elem(&conns, &key);
-	if (p.tcp_flags & TCPF_RST) {
+	a = &sc->wa;
+	__builtin_memset(a, 0, sizeof(*a));
+	if (is_req) {
+		__builtin_memcpy(a->key.caddr, pp->src, 16);
+		__builtin_memcpy(a->key.saddr, pp->dst, 16);
+		a->key.cport = pp->sport;
+		a->key.sport = pp->dport;
+	} else {
+		__builtin_memcpy(a->key.caddr, pp->dst, 16);
+		__builtin_memcpy(a->key.saddr, pp->src, 16);
+		a->key.cport = pp->dport;
+		a->key.sport = pp->sport;
+	}
+
+	__u64 now = clock_from_skb ? tstamp : bpf_ktime_get_ns();
+	c = bpf_map_lookup_elem(&conns, &a->key);
+	if (pp->tcp_flags & TCPF_RST) {
 		if (c) {
-			flush_pending(&key, c, R_RESET, skb->ifindex, now);
-			bpf_map_delete_elem(&conns, &key);
+			finish_response(&a->key, c, FLAGS_IF(0, ifindex), 0);
+			flush_pending(&a->key, c, FLAGS_IF(R_RESET, ifindex), now);
+			bpf_map_delete_elem(&conns, &a->key);
 		}
 		return TC_ACT_UNSPEC_;
 	}
 
-	struct scratch *sc = bpf_map_lookup_elem(&scratch_map, &zero);
-	if (!sc)
-		return TC_ACT_UNSPEC_;
-
-	if (!c && p.payload_len) {
+	if (!c && pp->payload_len) {
 		__u64 first = 0;
 		__u32 mlen;
 
 		/* a connection is tracked from its first request */
-		if (!is_req || p.payload_len < 4)
+		if (!is_req)
 			goto no_conn;
-		bpf_skb_load_bytes(skb, p.payload_off, &first, p.payload_len < 8 ? 4 : 8);
-		if (match_method(first, &mlen) == M_UNKNOWN)
-			goto no_conn;
+		if (pp->payload_len < 8) {
+			/* a start too short to tell: keep it if it may be a method */
+			__u32 n = ((pp->payload_len - 1) & 7) + 1; /* 1..7, visibly to the verifier */
+
+			if (bpf_skb_load_bytes(skb, pp->payload_off, &first, n) < 0 ||
+			    !maybe_method_start(first, n))
+				goto no_conn;
+		} else {
+			bpf_skb_load_bytes(skb, pp->payload_off, &first, 8);
+			if (match_method(first, &mlen) == M_UNKNOWN)
+				goto no_conn;
+		}
 		__builtin_memset(&sc->conn, 0, sizeof(sc->conn));
-		sc->conn.req.next_seq = p.seq;
+		sc->conn.req.next_seq = pp->seq;
 		sc->conn.req.seq_valid = 1;
-		if (bpf_map_update_elem(&conns, &key, &sc->conn, BPF_NOEXIST) &&
-		    !bpf_map_lookup_elem(&conns, &key)) {
+		sc->conn.check_on = 2; /* its first response is checked by ACK */
+		if (bpf_map_update_elem(&conns, &a->key, &sc->conn, BPF_NOEXIST) &&
+		    !bpf_map_lookup_elem(&conns, &a->key)) {
 			stat_inc(S_CONN_MAP_FULL);
 			return TC_ACT_UNSPEC_;
 		}
-		c = bpf_map_lookup_elem(&conns, &key);
+		c = bpf_map_lookup_elem(&conns, &a->key);
 	}
 	if (!c)
 		goto no_conn;
 
 	stat_inc(S_TRACED_SEGMENTS);
-	c->last_ns = now;
-	if (p.payload_len) {
-		struct walk_args a = {
-			.key = key, .now = now, .payload_off = p.payload_off,
-			.payload_len = p.payload_len, .ifindex = skb->ifindex, .is_req = is_req,
-		};
+	if (pp->payload_len) {
 		struct stream_state *st = is_req ? &c->req : &c->resp;
-		int start = seg_start(st, &p);
-		int m;
+		int lost, m, start = seg_start(st, pp->seq, pp->payload_len, &lost);
 
-		if (start >= 0) {
-			a.off = start;
-			for (m = 0; m < MAX_MSGS_PER_SEG; m++)
-				if (!walk_step(skb, c, &a))
+		a->now = now;
+		a->payload_off = pp->payload_off;
+		a->payload_len = pp->payload_len;
+		a->ifindex = ifindex;
+		a->seq = pp->seq;
+		a->ack = pp->ack;
+		a->is_req = is_req;
+		if (start == SEG_SKIP) {
+			stat_inc(S_RETRANSMIT);
+		} else {
+			if (lost) {
+				stat_inc(S_GAP);
+				lost_sync(c, a);
+			}
+			c->last_ns = now;
+			st->last_data_ns = now;
+			a->off = start;
+			for (m = 0; m < MAX_STEPS_PER_SEG; m++)
+				if (!walk_step(skb, c, a))
 					break;
-			if (m == MAX_MSGS_PER_SEG && a.off < p.payload_len) {
-				stat_inc(S_PARSE_FAILED); /* more messages than we follow */
+			if (m == MAX_STEPS_PER_SEG && a->off < pp->payload_len) {
+				stat_inc(S_PARSE_FAILED); /* more than we follow in one segment */
 				st->mode = SM_UNSYNC;
+				lost_sync(c, a);
 			}
 		}
 	}
-	if ((p.tcp_flags & TCPF_FIN) && !is_req) {
-		/* the server closed: nothing pending can be answered now */
-		flush_pending(&key, c, R_SERVER_FIN, skb->ifindex, now);
-		bpf_map_delete_elem(&conns, &key);
+	if ((pp->tcp_flags & TCPF_FIN) && !is_req) {
+		/* the server closed: a close-delimited body ends here, and
+		 * nothing else pending can be answered now */
+		if (c->resp.mode == SM_UNTIL_CLOSE)
+			finish_response(&a->key, c, FLAGS_IF(EV_RESP_END | EV_RESP_BODY, ifindex),
+					c->resp.last_data_ns);
+		else
+			finish_response(&a->key, c, FLAGS_IF(0, ifindex), 0);
+		flush_pending(&a->key, c, FLAGS_IF(R_SERVER_FIN, ifindex), now);
+		bpf_map_delete_elem(&conns, &a->key);
 	}
 	return TC_ACT_UNSPEC_;
 
 no_conn:
-	if (!is_req && p.payload_len >= 12) {
+	if (!is_req && pp->payload_len >= 12) {
 		__u8 b[12];
 		__u8 v;
 
-		if (!bpf_skb_load_bytes(skb, p.payload_off, b, 12) && match_status(b, &v))
+		if (!bpf_skb_load_bytes(skb, pp->payload_off, b, 12) && match_status(b, &v))
 			stat_inc(S_UNMATCHED_RESPONSE);
 	}
 	return TC_ACT_UNSPEC_;

@@ -17,7 +17,7 @@
 #define MAX_ENDPOINTS    16384 /* endpoint filter entries                     */
 #define SCAN_WINDOW      512   /* bytes of a message scanned per window       */
 #define MAX_WINDOWS      8     /* windows per message head: 4 kB headers      */
-#define MAX_MSGS_PER_SEG 32    /* HTTP messages parsed in one TCP segment     */
+#define MAX_STEPS_PER_SEG 96   /* framing steps (heads, bodies, chunks) per segment */
 
 /* HTTP methods (RFC 9110 section 9 plus PATCH). 0 = unknown. */
 enum http_method {
@@ -37,6 +37,9 @@ enum http_method {
 #define EV_URL_TRUNCATED (1 << 0) /* request-target longer than MAX_URL_LEN or split */
 #define EV_UNANSWERED    (1 << 1) /* no response: see event.reason                  */
 #define EV_URL_LOST      (1 << 2) /* request-target evicted from pending_urls       */
+#define EV_RESP_END      (1 << 3) /* resp_last_ns holds the last response byte's time */
+#define EV_REQ_BODY      (1 << 4) /* req_body is known                               */
+#define EV_RESP_BODY     (1 << 5) /* resp_body is known                              */
 
 /* event.reason, for EV_UNANSWERED events */
 enum unanswered_reason {
@@ -44,6 +47,7 @@ enum unanswered_reason {
 	R_RESET,       /* RST on the connection                  */
 	R_SERVER_FIN,  /* server closed without answering        */
 	R_IDLE,        /* idle past the agent's timeout (user space) */
+	R_LOST,        /* the response was not seen: data missing from the stream */
 };
 
 /* Per-CPU counters: index into the `stats` map. Every kernel-side loss or
@@ -69,6 +73,11 @@ enum stat_idx {
 	S_PENDING_POPPED,     /* requests dequeued  pending lost to eviction)  */
 	S_HEADER_TOO_LONG,    /* message head longer than the scan limit       */
 	S_UNSUPPORTED_FRAMING,/* body framing not followed (resync on next msg)*/
+	S_RESYNC_DROPPED,     /* pending requests given up when the response
+			       * stream lost sync (reported, reason R_LOST)    */
+	S_EARLY_RESPONSE,     /* response sent before its server had received the
+			       * request it would pair with: skipped           */
+	S_CHUNKED,            /* chunked bodies followed to their end          */
 	S_NR,
 };
 
@@ -102,6 +111,8 @@ enum stream_mode {
 	SM_TUNNEL,      /* after 101 / CONNECT 2xx: not HTTP any more         */
 	SM_PARTIAL,     /* the segment ended within a message's first bytes:
 			 * they wait in partial[] for the next segment        */
+	SM_CHUNK_SIZE,  /* chunked body: reading a chunk-size line            */
+	SM_CHUNK_DATA,  /* chunked body: body_left bytes of chunk data + CRLF */
 };
 
 /* Header facts found while scanning a message head (stream_state.hdr_flags). */
@@ -112,26 +123,37 @@ enum stream_mode {
 #define HF_NO_BODY        (1 << 7)  /* parked head of a message without body     */
 
 struct stream_state {
-	__u64 body_left;   /* SM_BODY: bytes of body still to come;
+	__u64 body_left;   /* SM_BODY, SM_CHUNK_DATA: bytes still to skip;
 			    * SM_PARTIAL: time of the message's first byte    */
-	__u64 hdr_cl;      /* SM_HEADERS: Content-Length seen so far          */
+	__u64 hdr_cl;      /* SM_HEADERS: Content-Length seen so far;
+			    * SM_CHUNK_SIZE: the chunk size read so far        */
+	__u64 body_seen;   /* body bytes of the current message so far        */
+	__u64 last_data_ns;/* last segment with new data in this direction    */
+	__u64 hdr_w0;      /* SM_HEADERS: the head scan's last 16 bytes ...   */
+	__u64 hdr_w1;
 	__u32 next_seq;    /* TCP sequence number after the last byte seen    */
-	__u32 last4;       /* SM_HEADERS: last 4 bytes (CRLFCRLF detection)   */
+	__u32 line_len;    /* SM_HEADERS: bytes of the current line so far    */
 	__u8 mode;         /* enum stream_mode                                */
 	__u8 seq_valid;    /* next_seq holds a value                          */
-	__u8 hdr_flags;    /* SM_HEADERS: HF_* seen so far                    */
+	__u8 hdr_flags;    /* SM_HEADERS: HF_*; SM_CHUNK_SIZE: CF_*           */
 	__u8 partial_len;  /* SM_PARTIAL: bytes in partial[]                  */
 	__u8 partial[12];  /* SM_PARTIAL: a message's first bytes             */
 };
 
-/* One pending request in a connection's FIFO. The request-target waits
- * apart, in `pending_urls`, keyed by (connection, seq). */
+/* stream_state.hdr_flags while reading a chunk-size line */
+#define CF_DIGIT  (1 << 0)  /* a hex digit was read          */
+#define CF_EXT    (1 << 1)  /* in a chunk extension (;...)   */
+#define CF_LAST   (1 << 2)  /* SM_HEADERS: trailer section after the last chunk */
+
+/* One pending request in a connection's FIFO. Its number on the
+ * connection is implicit (head..tail-1); the request-target waits apart,
+ * in `pending_urls`, keyed by (connection, number). */
 struct pending_req {
-	__u64 ts_ns;       /* first request byte (bpf_ktime_get_ns)  */
-	__u32 seq;         /* request number on this connection      */
+	__u64 ts_ns;       /* first request byte (bpf_ktime_get_ns)      */
+	__u32 req_body;    /* request body bytes (saturated at 2^32-1)   */
 	__u8 method;
 	__u8 version;
-	__u8 flags;        /* EV_URL_TRUNCATED                       */
+	__u8 flags;        /* EV_URL_TRUNCATED, EV_REQ_BODY              */
 	__u8 pad;
 };
 
@@ -140,11 +162,16 @@ struct conn_state {
 	struct pending_req fifo[FIFO_DEPTH];
 	struct stream_state req;   /* client -> server */
 	struct stream_state resp;  /* server -> client */
-	__u64 last_ns;             /* last segment with payload or FIN */
+	__u64 last_ns;             /* last segment with payload         */
+	__u64 resp_first_ns;       /* the response in progress (for the FIFO head): */
+	__u16 resp_status;         /*   its status and first byte; 0 = none          */
+	__u8 req_pushed;           /* the request whose body is being read is in the FIFO */
+	__u8 check_on;             /* check_idx's response must ACK past check_seq */
+	__u32 check_idx;           /* request number to check                      */
+	__u32 check_seq;           /* TCP sequence of that request's first byte    */
 	__u32 head;
 	__u32 tail;
 	__u32 overflow;            /* dropped requests whose responses are still to come */
-	__u32 pad;
 };
 
 /* Key of a request-target waiting in `pending_urls`. */
@@ -164,6 +191,9 @@ struct url_val {
 struct http_event {
 	__u64 req_ns;        /* CLOCK_MONOTONIC (bpf_ktime_get_ns) of the first request byte */
 	__u64 resp_ns;       /* first response byte; when unanswered: when it was given up    */
+	__u64 resp_last_ns;  /* last response byte (EV_RESP_END)                              */
+	__u64 req_body;      /* request body bytes (EV_REQ_BODY)                              */
+	__u64 resp_body;     /* response body bytes (EV_RESP_BODY)                            */
 	struct conn_key conn;
 	__u16 status;        /* response status code; 0 when unanswered */
 	__u16 url_len;       /* bytes of url used                        */

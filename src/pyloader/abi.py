@@ -20,8 +20,9 @@ MAX_ENDPOINTS = 16384
 METHODS = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 
 EV_URL_TRUNCATED, EV_UNANSWERED, EV_URL_LOST = 1, 2, 4
-REASONS = ("", "reset", "server_closed", "idle")
-R_IDLE = 3
+EV_RESP_END, EV_REQ_BODY, EV_RESP_BODY = 8, 16, 32
+REASONS = ("", "reset", "server_closed", "idle", "lost")
+R_IDLE, R_LOST = 3, 4
 
 # enum stat_idx, in order
 STATS = (
@@ -29,7 +30,7 @@ STATS = (
     "ringbuf_full", "fifo_overflow", "overflow_responses", "unmatched_responses",
     "parse_failed", "retransmits", "gaps", "conn_map_full", "url_map_full",
     "url_lost", "unanswered", "pending_pushed", "pending_popped", "header_too_long",
-    "unsupported_framing",
+    "unsupported_framing", "resync_dropped", "early_responses", "chunked_bodies",
 )
 # C enumerator name for each of STATS (checked against BTF)
 STAT_ENUMS = (
@@ -37,12 +38,12 @@ STAT_ENUMS = (
     "S_RINGBUF_FULL", "S_FIFO_OVERFLOW", "S_OVERFLOW_RESPONSES", "S_UNMATCHED_RESPONSE",
     "S_PARSE_FAILED", "S_RETRANSMIT", "S_GAP", "S_CONN_MAP_FULL", "S_URL_MAP_FULL",
     "S_URL_LOST", "S_UNANSWERED", "S_PENDING_PUSHED", "S_PENDING_POPPED", "S_HEADER_TOO_LONG",
-    "S_UNSUPPORTED_FRAMING",
+    "S_UNSUPPORTED_FRAMING", "S_RESYNC_DROPPED", "S_EARLY_RESPONSE", "S_CHUNKED",
 )
 # counters that mean something was lost or not understood
 LOSS_STATS = ("ringbuf_full", "fifo_overflow", "overflow_responses", "unmatched_responses",
               "parse_failed", "gaps", "conn_map_full", "url_map_full", "url_lost",
-              "header_too_long", "unsupported_framing")
+              "header_too_long", "unsupported_framing", "resync_dropped", "early_responses")
 
 
 class EndpointKey(ctypes.Structure):
@@ -56,19 +57,22 @@ class ConnKey(ctypes.Structure):
 
 
 class StreamState(ctypes.Structure):
-    _fields_ = [("body_left", u64), ("hdr_cl", u64), ("next_seq", u32), ("last4", u32),
+    _fields_ = [("body_left", u64), ("hdr_cl", u64), ("body_seen", u64), ("last_data_ns", u64),
+                ("hdr_w0", u64), ("hdr_w1", u64), ("next_seq", u32), ("line_len", u32),
                 ("mode", u8), ("seq_valid", u8), ("hdr_flags", u8), ("partial_len", u8),
                 ("partial", u8 * 12)]
 
 
 class PendingReq(ctypes.Structure):
-    _fields_ = [("ts_ns", u64), ("seq", u32), ("method", u8), ("version", u8), ("flags", u8),
-                ("pad", u8)]
+    _fields_ = [("ts_ns", u64), ("req_body", u32), ("method", u8), ("version", u8),
+                ("flags", u8), ("pad", u8)]
 
 
 class ConnState(ctypes.Structure):
     _fields_ = [("fifo", PendingReq * FIFO_DEPTH), ("req", StreamState), ("resp", StreamState),
-                ("last_ns", u64), ("head", u32), ("tail", u32), ("overflow", u32), ("pad", u32)]
+                ("last_ns", u64), ("resp_first_ns", u64), ("resp_status", u16),
+                ("req_pushed", u8), ("check_on", u8), ("check_idx", u32), ("check_seq", u32),
+                ("head", u32), ("tail", u32), ("overflow", u32)]
 
 
 class UrlKey(ctypes.Structure):
@@ -80,7 +84,8 @@ class UrlVal(ctypes.Structure):
 
 
 class HttpEvent(ctypes.Structure):
-    _fields_ = [("req_ns", u64), ("resp_ns", u64), ("conn", ConnKey), ("status", u16),
+    _fields_ = [("req_ns", u64), ("resp_ns", u64), ("resp_last_ns", u64), ("req_body", u64),
+                ("resp_body", u64), ("conn", ConnKey), ("status", u16),
                 ("url_len", u16), ("method", u8), ("version", u8), ("flags", u8),
                 ("reason", u8), ("ifindex", u32), ("pad", u32),
                 ("url", ctypes.c_char * MAX_URL_LEN)]
@@ -88,9 +93,10 @@ class HttpEvent(ctypes.Structure):
 
 # Fast decoding of a ringbuf record: one struct.unpack_from per event.
 # Field order follows HttpEvent (checked by tests against ctypes and BTF).
-EVENT_STRUCT = struct.Struct("<QQ16s16sHH4xHHBBBBI4x256s")
-EVENT_FIELDS = ("req_ns", "resp_ns", "caddr", "saddr", "cport", "sport", "status", "url_len",
-                "method", "version", "flags", "reason", "ifindex", "url")
+EVENT_STRUCT = struct.Struct("<QQQQQ16s16sHH4xHHBBBBI4x256s")
+EVENT_FIELDS = ("req_ns", "resp_ns", "resp_last_ns", "req_body", "resp_body", "caddr", "saddr",
+                "cport", "sport", "status", "url_len", "method", "version", "flags", "reason",
+                "ifindex", "url")
 EVENT_SIZE = EVENT_STRUCT.size
 assert EVENT_SIZE == ctypes.sizeof(HttpEvent)
 

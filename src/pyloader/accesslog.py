@@ -84,8 +84,8 @@ class RecordBuilder:
         self.addr = AddressCache()
 
     def build(self, ev: tuple, wall_ns: int | None = None, resp_wall_ns: int | None = None) -> dict:
-        (req_ns, resp_ns, caddr, saddr, cport, sport, status, url_len, method, version,
-         flags, reason, _ifindex, url) = ev
+        (req_ns, resp_ns, resp_last_ns, req_body, resp_body, caddr, saddr, cport, sport,
+         status, url_len, method, version, flags, reason, _ifindex, url) = ev
         if wall_ns is None:
             wall_ns = self.clock.wall_ns(req_ns)
         raw_url = url[:min(url_len, abi.MAX_URL_LEN)]
@@ -110,8 +110,14 @@ class RecordBuilder:
         if not unanswered:
             rec["http.response.status_code"] = status
         rec["duration_ms"] = round((resp_ns - req_ns) / 1e6, 3) if resp_ns >= req_ns else 0.0
+        if flags & abi.EV_RESP_END and resp_last_ns >= req_ns:
+            rec["response.duration_ms"] = round((resp_last_ns - req_ns) / 1e6, 3)
+        if flags & abi.EV_REQ_BODY:
+            rec["http.request.body.size"] = req_body
+        if flags & abi.EV_RESP_BODY:
+            rec["http.response.body.size"] = resp_body
         if unanswered:
-            rec["error.type"] = "no_response"
+            rec["error.type"] = "response_not_seen" if reason == abi.R_LOST else "no_response"
         return rec
 
 

@@ -13,6 +13,7 @@ from .accesslog import AccessLog, RecordBuilder
 from .attach import BridgeFollower, TcAttacher
 from .component import overridden
 from .endpoints import WILDCARD, Endpoint
+from .errors import RedtapError
 from .ringbuf import RingBuffer
 from .summary import RedSummary
 from .tracer import Tracer
@@ -75,6 +76,8 @@ class Agent:
         elif cfg.bridge and not cfg.ifaces and not cfg.host_ifaces:
             self.attacher.ifindex(cfg.bridge)  # fail early if it does not exist
             self.follower = BridgeFollower(self.attacher, cfg.bridge).start()
+            if self.attacher.bridge_ports(cfg.bridge) and not self.attacher.attached:
+                raise RedtapError(f"could not attach to any port of {cfg.bridge} (see the log)")
         self.processors = overridden(cfg.components, "process")
         self.observers = [self.summary.add] + overridden(cfg.components, "observe")
         self.tickers = overridden(cfg.components, "tick")
@@ -133,10 +136,16 @@ class Agent:
             for seq in range(st.head, st.tail):
                 slot = st.fifo[seq % abi.FIFO_DEPTH]
                 url = t.take_url(key, seq)
-                flags = slot.flags | abi.EV_UNANSWERED | (0 if url is not None else abi.EV_URL_LOST)
-                ev = (slot.ts_ns, now_ns, bytes(key.caddr), bytes(key.saddr), key.cport,
-                      key.sport, 0, len(url or b""), slot.method, slot.version, flags,
-                      abi.R_IDLE, 0, url or b"")
+                flags = slot.flags | (0 if url is not None else abi.EV_URL_LOST)
+                if seq == st.head and st.resp_status:
+                    # its response started (status known) but never ended
+                    status, resp_ns, reason = st.resp_status, st.resp_first_ns, 0
+                else:
+                    status, resp_ns, reason = 0, now_ns, abi.R_IDLE
+                    flags |= abi.EV_UNANSWERED
+                ev = (slot.ts_ns, resp_ns, 0, slot.req_body, 0, bytes(key.caddr),
+                      bytes(key.saddr), key.cport, key.sport, status, len(url or b""),
+                      slot.method, slot.version, flags, reason, 0, url or b"")
                 self.emit(self.builder.build(ev))
                 reported += 1
         self.stats.idle_unanswered += reported

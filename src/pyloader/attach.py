@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import logging
 import select
+import socket
 import threading
 from dataclasses import dataclass, field
 
@@ -89,8 +90,8 @@ class TcAttacher:
             for m in msgs:
                 name = _filter_name(m)
                 if name and name.startswith(NAME_PREFIX) and m["handle"]:
-                    info = m["info"]
-                    out.append((parent, info >> 16, info & 0xFFFF, m["handle"], name))
+                    info = m["info"]  # prio << 16 | protocol (network byte order)
+                    out.append((parent, info >> 16, socket.ntohs(info & 0xFFFF), m["handle"], name))
         return out
 
     def _has_clsact(self, ifindex: int) -> bool:
@@ -102,7 +103,7 @@ class TcAttacher:
             self.ipr.tc("del-filter", "bpf", ifindex, handle, parent=parent, prio=prio,
                         protocol=proto)
         except NetlinkError as e:
-            if e.code not in (ENOENT, ENODEV, EINVAL):
+            if e.code not in (ENOENT, ENODEV):
                 raise
 
     def attach(self, ifindex: int, ifname: str, mode: str = "pod") -> None:
@@ -119,9 +120,12 @@ class TcAttacher:
                     except NetlinkError as e:
                         if e.code != EEXIST:
                             raise
-                for parent, prio, proto, handle, name in self.our_filters(ifindex):
+                stale = self.our_filters(ifindex)
+                for parent, prio, proto, handle, name in stale:
                     log.info("replacing stale filter %s on %s", name, ifname)
                     self._del_filter(ifindex, parent, prio, proto, handle)
+                if stale and not self._other_filters(ifindex):
+                    created = True  # only a killed run of ours used it: ours to remove
                 if mode == "pod":
                     plan = ((EGRESS, self.req_fd, "req"), (INGRESS, self.resp_fd, "resp"))
                 else:
@@ -184,8 +188,7 @@ class BridgeFollower:
         self.attacher, self.bridge = attacher, bridge
         self.on_change = on_change
         self._stop = threading.Event()
-        self._mon = IPRoute()
-        self._mon.bind()
+        self._ready = threading.Event()
         self.thread = threading.Thread(target=self._run, name="redtap-bridge", daemon=True)
 
     def reconcile(self) -> None:
@@ -209,29 +212,35 @@ class BridgeFollower:
             self.on_change()
 
     def start(self) -> "BridgeFollower":
-        self.reconcile()
+        """Subscribe to link events (in the follower's thread: pyroute2
+        sockets must be used by the thread that made them), then attach to
+        the current ports, so no port that appears in between is missed."""
         self.thread.start()
+        self._ready.wait(timeout=10)
+        self.reconcile()
         return self
 
     def _run(self) -> None:
-        fd = self._mon.fileno()
-        while not self._stop.is_set():
-            r, _, _ = select.select([fd], [], [], 0.5)
-            if not r:
-                continue
-            try:
-                msgs = self._mon.get()
-            except Exception as e:  # a netlink hiccup must not kill the agent
-                log.warning("reading link events: %s", e)
-                continue
-            if any(m["event"] in ("RTM_NEWLINK", "RTM_DELLINK") for m in msgs):
+        mon = IPRoute()
+        try:
+            mon.bind()
+            self._ready.set()
+            fd = mon.fileno()
+            while not self._stop.is_set():
                 try:
-                    self.reconcile()
-                except Exception as e:
+                    r, _, _ = select.select([fd], [], [], 0.5)
+                    if not r:
+                        continue
+                    msgs = mon.get()
+                    if any(m.get("event") in ("RTM_NEWLINK", "RTM_DELLINK") for m in msgs):
+                        self.reconcile()
+                except Exception as e:  # a netlink hiccup must not stop following
                     log.warning("following bridge %s: %s", self.bridge, e)
+        finally:
+            self._ready.set()
+            mon.close()
 
     def stop(self) -> None:
         self._stop.set()
         if self.thread.is_alive():
             self.thread.join(timeout=2)
-        self._mon.close()

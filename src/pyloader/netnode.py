@@ -153,7 +153,16 @@ class Node:
         return pod
 
     def remove_pod(self, pod: Pod) -> None:
-        sh("ip", "netns", "del", pod.ns, check=False)  # its veth pair goes with it
+        """Delete a pod as the kubelet would: its processes, its veth, its netns
+        (a process left in the namespace would keep the veth alive)."""
+        pids = sh("ip", "netns", "pids", pod.ns, check=False).stdout.split()
+        for pid in pids:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        self.ns_exec(self.node_ns, "ip", "link", "del", pod.veth, check=False)
+        sh("ip", "netns", "del", pod.ns, check=False)
 
     # -- servers -----------------------------------------------------------
     def start_nginx(self, pod: Pod, port: int = 80, access_log: str = "off") -> str:

@@ -51,7 +51,8 @@ def test_methods_match_btf(btf):
 
 def test_reasons_match_btf(btf):
     values = {v["name"]: v["val"] for v in btf[("ENUM", "unanswered_reason")]["values"]}
-    assert values == {"R_NONE": 0, "R_RESET": 1, "R_SERVER_FIN": 2, "R_IDLE": abi.R_IDLE}
+    assert values == {"R_NONE": 0, "R_RESET": 1, "R_SERVER_FIN": 2, "R_IDLE": abi.R_IDLE,
+                      "R_LOST": abi.R_LOST}
     assert len(abi.REASONS) == len(values)
 
 

@@ -12,9 +12,9 @@ V4 = b"\x00" * 10 + b"\xff\xff"
 
 def ev(url=b"/a?b=c", status=200, flags=0, reason=0, method=1, version=11,
        req_ns=1_000_000_000, resp_ns=1_002_500_000):
-    return (req_ns, resp_ns, V4 + bytes([198, 18, 0, 20]), V4 + bytes([198, 18, 0, 10]),
-            40000, 80, status, len(url), method, version, flags, reason, 3,
-            url.ljust(abi.MAX_URL_LEN, b"\x00"))
+    return (req_ns, resp_ns, resp_ns + 500_000, 0, 2, V4 + bytes([198, 18, 0, 20]),
+            V4 + bytes([198, 18, 0, 10]), 40000, 80, status, len(url), method, version, flags,
+            reason, 3, url.ljust(abi.MAX_URL_LEN, b"\x00"))
 
 
 def test_answered_record_has_exactly_the_documented_fields():
@@ -31,6 +31,14 @@ def test_answered_record_has_exactly_the_documented_fields():
 def test_unanswered_record():
     rec = RecordBuilder().build(ev(status=0, flags=abi.EV_UNANSWERED, reason=1))
     assert rec["error.type"] == "no_response" and "http.response.status_code" not in rec
+
+
+def test_last_byte_and_body_sizes_only_when_known():
+    rec = RecordBuilder().build(ev())
+    assert "response.duration_ms" not in rec and "http.response.body.size" not in rec
+    rec = RecordBuilder().build(ev(flags=abi.EV_RESP_END | abi.EV_RESP_BODY | abi.EV_REQ_BODY))
+    assert rec["response.duration_ms"] == 3.0 and rec["duration_ms"] == 2.5
+    assert rec["http.response.body.size"] == 2 and rec["http.request.body.size"] == 0
 
 
 def test_truncated_flag_only_when_true():
