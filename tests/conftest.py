@@ -27,7 +27,7 @@ class Harness:
         self.rb = RingBuffer(tracer.events_fd)
 
     def reset(self, endpoints=("198.18.0.10:80",)):
-        for name in ("conns", "pending_urls", "endpoints"):
+        for name in ("conns", "pending", "endpoints"):
             _clear(self.t.obj.map(name))
         zero = bytes(self.t.stats_map.slot * self.t.stats_map.ncpus)
         for i in range(len(abi.STATS)):

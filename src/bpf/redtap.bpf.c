@@ -55,10 +55,10 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
-	__uint(max_entries, MAX_PENDING_URLS);
-	__type(key, struct url_key);
-	__type(value, struct url_val);
-} pending_urls SEC(".maps");
+	__uint(max_entries, MAX_PENDING);
+	__type(key, struct req_key);
+	__type(value, struct pending_req);
+} pending SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
@@ -104,11 +104,11 @@ struct scratch {
 	struct endpoint_key ek;
 	struct walk_args wa;   /* handle() -> walk_step() */
 	struct emit_args ea;   /* finish_response(), flush_pending() -> emit() */
-	struct url_key euk;    /* emit()                  */
+	struct req_key ekey;   /* emit()                  */
 	__u8 hdr[32];          /* first bytes of a message */
 	struct head_scan scan;
-	struct url_key ukey;
-	struct url_val url;
+	struct req_key rkey;
+	struct pending_req req;
 	struct conn_state conn;
 };
 
@@ -128,30 +128,34 @@ static __always_inline void stat_add(__u32 idx, __u64 n)
 }
 #define stat_inc(idx) stat_add(idx, 1)
 
-/* Send request number @seq (answered or not) to user space. Its
- * request-target waiting in pending_urls is moved into the event. */
-__noinline int emit(struct conn_key *key, struct pending_req *r, __u32 seq, struct emit_args *ea)
+/* Send request number @seq of a connection (answered or not) to user
+ * space, and forget it. A request evicted from `pending` is counted. */
+__noinline int emit(struct conn_key *key, __u32 seq, struct emit_args *ea)
 {
+	struct pending_req *r;
 	struct http_event *e;
-	struct url_key *uk;
+	struct req_key *k;
 	struct scratch *sc;
-	struct url_val *u;
 	__u32 zero = 0;
 
 	sc = bpf_map_lookup_elem(&scratch_map, &zero);
-	if (!key || !r || !ea || !sc)
+	if (!key || !ea || !sc)
 		return 0;
-	uk = &sc->euk;
-	uk->conn = *key;
-	uk->seq = seq;
-	uk->pad = 0;
-	u = bpf_map_lookup_elem(&pending_urls, uk);
-
+	k = &sc->ekey;
+	k->conn = *key;
+	k->seq = seq;
+	k->pad = 0;
+	r = bpf_map_lookup_elem(&pending, k);
+	if (!r) {
+		stat_inc(S_REQ_EVICTED);
+		return 0;
+	}
 	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		stat_inc(S_RINGBUF_FULL);
 		goto out;
 	}
+	/* reserve -> fill -> submit; wake the reader only for a batch */
 	e->req_ns = r->ts_ns;
 	e->resp_ns = ea->resp_ns;
 	e->resp_last_ns = ea->last_ns;
@@ -159,31 +163,21 @@ __noinline int emit(struct conn_key *key, struct pending_req *r, __u32 seq, stru
 	e->resp_body = ea->resp_body;
 	e->conn = *key;
 	e->status = ea->status;
+	e->url_len = r->url_len > MAX_URL_LEN ? MAX_URL_LEN : r->url_len;
 	e->method = r->method;
 	e->version = r->version;
-	e->flags = r->flags | ea->flags;
+	e->flags = r->flags | ea->flags | (ea->reason ? EV_UNANSWERED : 0);
 	e->reason = ea->reason;
 	e->ifindex = ea->ifindex;
 	e->pad = 0;
-	if (ea->reason)
-		e->flags |= EV_UNANSWERED;
-	if (u) {
-		e->url_len = u->len > MAX_URL_LEN ? MAX_URL_LEN : u->len;
-		__builtin_memcpy(e->url, u->url, MAX_URL_LEN);
-	} else {
-		e->url_len = 0;
-		e->flags |= EV_URL_LOST;
-		stat_inc(S_URL_LOST);
-	}
-	/* reserve -> fill -> submit; wake the reader only for a batch */
+	__builtin_memcpy(e->url, r->url, MAX_URL_LEN);
 	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
 	bpf_ringbuf_submit(e, avail >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 	stat_inc(S_EVENTS);
 	if (ea->reason)
 		stat_inc(S_UNANSWERED);
 out:
-	if (u)
-		bpf_map_delete_elem(&pending_urls, uk);
+	bpf_map_delete_elem(&pending, k);
 	return 0;
 }
 
@@ -211,7 +205,7 @@ __noinline int finish_response(struct conn_key *key, struct conn_state *c, __u64
 		ea->status = c->resp_status;
 		ea->reason = R_NONE;
 		ea->flags = end_flags;
-		emit(key, &c->fifo[c->head % FIFO_DEPTH], c->head, ea);
+		emit(key, c->head, ea);
 		c->head++;
 		stat_inc(S_PENDING_POPPED);
 	}
@@ -237,10 +231,10 @@ __noinline int flush_pending(struct conn_key *key, struct conn_state *c, __u64 r
 	ea->resp_ns = now;
 	ea->ifindex = ifindex;
 	ea->reason = reason;
-	for (int i = 0; i < FIFO_DEPTH; i++) {
+	for (int i = 0; i < MAX_PIPELINE; i++) {
 		if (c->head == c->tail)
 			break;
-		emit(key, &c->fifo[c->head % FIFO_DEPTH], c->head, ea);
+		emit(key, c->head, ea);
 		c->head++;
 		stat_inc(S_PENDING_POPPED);
 		if (reason == R_LOST)
@@ -270,11 +264,20 @@ static __always_inline void message_done(struct conn_state *c, struct walk_args 
 					 __u64 size)
 {
 	if (a->is_req) {
-		if (c->req_pushed && c->tail != c->head) {
-			struct pending_req *r = &c->fifo[(c->tail - 1) % FIFO_DEPTH];
+		__u32 zero = 0;
+		struct scratch *sc = bpf_map_lookup_elem(&scratch_map, &zero);
 
-			r->req_body = size > 0xffffffffULL ? 0xffffffff : size;
-			r->flags |= EV_REQ_BODY;
+		if (sc && c->req_pushed && c->tail != c->head) {
+			struct pending_req *r;
+
+			sc->rkey.conn = a->key;
+			sc->rkey.seq = c->tail - 1;
+			sc->rkey.pad = 0;
+			r = bpf_map_lookup_elem(&pending, &sc->rkey);
+			if (r) {
+				r->req_body = size > 0xffffffffULL ? 0xffffffff : size;
+				r->flags |= EV_REQ_BODY;
+			}
 		}
 		c->req_pushed = 0;
 	} else {
@@ -392,7 +395,7 @@ static __always_inline int parse_request(struct __sk_buff *skb, struct conn_stat
 {
 	struct stream_state *st = &c->req;
 	struct head_scan *s = &sc->scan;
-	struct url_val *u = &sc->url;
+	struct pending_req *u = &sc->req;
 	__u32 avail = a->payload_len - off;
 	__u32 mlen = 0, plen, u0, k = 0, useg, ulen;
 	__u8 method, version = 0, flags = 0, url_done = 0, pushed = 0;
@@ -457,38 +460,40 @@ static __always_inline int parse_request(struct __sk_buff *skb, struct conn_stat
 		flags |= EV_URL_TRUNCATED;
 	}
 
-	if (c->overflow || c->tail - c->head >= FIFO_DEPTH) {
+	if (c->overflow || c->tail - c->head >= MAX_PIPELINE) {
 		/* no room: its response will be skipped, keeping the pairing */
 		c->overflow++;
 		stat_inc(S_FIFO_OVERFLOW);
 	} else {
-		struct pending_req *slot = &c->fifo[c->tail % FIFO_DEPTH];
-		struct url_key *uk = &sc->ukey;
+		struct req_key *rk = &sc->rkey;
 
 		if (c->check_on == 2) { /* see check_early_response */
 			c->check_on = 1;
 			c->check_idx = c->tail;
 			c->check_seq = a->seq + off;
 		}
-		pushed = 1;
-		slot->ts_ns = ts;
-		slot->req_body = 0;
-		slot->method = method;
-		slot->version = version;
-		slot->flags = flags;
-		u->len = ulen;
+		u->ts_ns = ts;
+		u->req_body = 0;
+		u->method = method;
+		u->version = version;
+		u->flags = flags;
+		u->url_len = ulen;
 		useg = ulen - k;
 		if (k < 8 && useg > 0 && useg <= MAX_URL_LEN - k)
 			bpf_skb_load_bytes(skb, a->payload_off + off + u0, u->url + k, useg);
-		uk->conn = a->key;
-		uk->seq = c->tail;
-		uk->pad = 0;
-		if (bpf_map_update_elem(&pending_urls, uk, u, BPF_ANY))
-			stat_inc(S_URL_MAP_FULL);
+		rk->conn = a->key;
+		rk->seq = c->tail;
+		rk->pad = 0;
+		if (bpf_map_update_elem(&pending, rk, u, BPF_ANY)) {
+			stat_inc(S_PENDING_MAP_FULL);
+			c->overflow++; /* its response must not pair with the next one */
+			goto framing;
+		}
+		pushed = 1;
 		c->tail++;
 		stat_inc(S_PENDING_PUSHED);
 	}
-
+framing:
 	st->partial_len = 0;
 	c->req_pushed = pushed;
 	if (r == SCAN_MORE) {
@@ -552,7 +557,14 @@ static __always_inline int parse_response(struct __sk_buff *skb, struct conn_sta
 			if (check_early_response(c, a)) {
 				stat_inc(S_EARLY_RESPONSE);
 			} else {
-				method = c->fifo[c->head % FIFO_DEPTH].method;
+				struct pending_req *r0;
+
+				sc->rkey.conn = a->key;
+				sc->rkey.seq = c->head;
+				sc->rkey.pad = 0;
+				r0 = bpf_map_lookup_elem(&pending, &sc->rkey);
+				method = r0 ? r0->method : M_UNKNOWN;
+				c->resp_method = method;
 				c->resp_status = status;
 				c->resp_first_ns = ts;
 			}

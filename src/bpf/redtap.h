@@ -11,9 +11,9 @@
 #define __REDTAP_H
 
 #define MAX_URL_LEN      256   /* request-target bytes kept per request      */
-#define FIFO_DEPTH       16    /* pending (pipelined) requests per connection */
+#define MAX_PIPELINE     128   /* pending (pipelined) requests per connection */
 #define MAX_CONNS        65536 /* tracked TCP connections (LRU)               */
-#define MAX_PENDING_URLS 65536 /* request-targets waiting for a response      */
+#define MAX_PENDING      65536 /* requests waiting for a response, all connections */
 #define MAX_ENDPOINTS    16384 /* endpoint filter entries                     */
 #define SCAN_WINDOW      512   /* bytes of a message scanned per window       */
 #define MAX_WINDOWS      8     /* windows per message head: 4 kB headers      */
@@ -36,7 +36,6 @@ enum http_method {
 /* event.flags */
 #define EV_URL_TRUNCATED (1 << 0) /* request-target longer than MAX_URL_LEN or split */
 #define EV_UNANSWERED    (1 << 1) /* no response: see event.reason                  */
-#define EV_URL_LOST      (1 << 2) /* request-target evicted from pending_urls       */
 #define EV_RESP_END      (1 << 3) /* resp_last_ns holds the last response byte's time */
 #define EV_REQ_BODY      (1 << 4) /* req_body is known                               */
 #define EV_RESP_BODY     (1 << 5) /* resp_body is known                              */
@@ -59,15 +58,16 @@ enum stat_idx {
 	S_INTERIM,            /* 1xx interim responses (never pop a request)  */
 	S_EVENTS,             /* events submitted to the ringbuf              */
 	S_RINGBUF_FULL,       /* events lost: ringbuf reserve failed          */
-	S_FIFO_OVERFLOW,      /* requests dropped: FIFO_DEPTH pending already */
+	S_FIFO_OVERFLOW,      /* requests dropped: MAX_PIPELINE pending already */
 	S_OVERFLOW_RESPONSES, /* responses of dropped requests (skipped)      */
 	S_UNMATCHED_RESPONSE, /* status line with no pending request          */
 	S_PARSE_FAILED,       /* in-sync stream where no HTTP message started */
 	S_RETRANSMIT,         /* segments whose data was already seen         */
 	S_GAP,                /* segments after missing data (stream resync)  */
 	S_CONN_MAP_FULL,      /* connection state could not be created        */
-	S_URL_MAP_FULL,       /* request-target could not be stored           */
-	S_URL_LOST,           /* request-target evicted before its response   */
+	S_PENDING_MAP_FULL,   /* a pending request could not be stored        */
+	S_REQ_EVICTED,        /* pending request evicted (LRU) before its
+			       * response: not reported                       */
 	S_UNANSWERED,         /* requests reported without response (kernel)  */
 	S_PENDING_PUSHED,     /* requests queued   (pushed - popped - live =   */
 	S_PENDING_POPPED,     /* requests dequeued  pending lost to eviction)  */
@@ -145,49 +145,44 @@ struct stream_state {
 #define CF_EXT    (1 << 1)  /* in a chunk extension (;...)   */
 #define CF_LAST   (1 << 2)  /* SM_HEADERS: trailer section after the last chunk */
 
-/* One pending request in a connection's FIFO. Its number on the
- * connection is implicit (head..tail-1); the request-target waits apart,
- * in `pending_urls`, keyed by (connection, number). */
-struct pending_req {
-	__u64 ts_ns;       /* first request byte (bpf_ktime_get_ns)      */
-	__u32 req_body;    /* request body bytes (saturated at 2^32-1)   */
-	__u8 method;
-	__u8 version;
-	__u8 flags;        /* EV_URL_TRUNCATED, EV_REQ_BODY              */
-	__u8 pad;
-};
-
-/* Value of the `conns` LRU map. FIFO: head..tail-1 (free-running u32). */
-struct conn_state {
-	struct pending_req fifo[FIFO_DEPTH];
-	struct stream_state req;   /* client -> server */
-	struct stream_state resp;  /* server -> client */
-	__u64 last_ns;             /* last segment with payload         */
-	__u64 resp_first_ns;       /* the response in progress (for the FIFO head): */
-	__u16 resp_status;         /*   its status and first byte; 0 = none          */
-	__u8 req_pushed;           /* the request whose body is being read is in the FIFO */
-	__u8 check_on;             /* check_idx's response must ACK past check_seq */
-	__u32 check_idx;           /* request number to check                      */
-	__u32 check_seq;           /* TCP sequence of that request's first byte    */
-	__u32 head;
-	__u32 tail;
-	__u32 overflow;            /* dropped requests whose responses are still to come */
-};
-
-/* Key of a request-target waiting in `pending_urls`. */
-struct url_key {
+/* A connection's FIFO of pending requests: the numbers head..tail-1 in
+ * its conn_state; each request waits in the `pending` LRU map, keyed by
+ * (connection, number). */
+struct req_key {
 	struct conn_key conn;
-	__u32 seq;       /* request number on the connection */
+	__u32 seq;         /* request number on the connection */
 	__u32 pad;
 };
 
-struct url_val {
-	__u16 len;
-	__u16 pad[3];
+struct pending_req {
+	__u64 ts_ns;       /* first request byte (bpf_ktime_get_ns)      */
+	__u32 req_body;    /* request body bytes (saturated at 2^32-1)   */
+	__u16 url_len;     /* bytes of url used                          */
+	__u8 method;
+	__u8 version;
+	__u8 flags;        /* EV_URL_TRUNCATED, EV_REQ_BODY              */
+	__u8 pad[7];
 	char url[MAX_URL_LEN];
 };
 
-/* One completed (or unanswered) request: the ringbuf record. */
+/* Value of the `conns` LRU map, keyed by the 4-tuple. */
+struct conn_state {
+	struct stream_state req;   /* client -> server */
+	struct stream_state resp;  /* server -> client */
+	__u64 last_ns;             /* last segment with payload                   */
+	__u64 resp_first_ns;       /* the response in progress (to request head): */
+	__u32 head;                /* FIFO: requests head..tail-1 are pending     */
+	__u32 tail;
+	__u32 overflow;            /* dropped requests whose responses are still to come */
+	__u32 check_idx;           /* request number whose response is checked    */
+	__u32 check_seq;           /* TCP sequence of that request's first byte   */
+	__u16 resp_status;         /*   its status; 0 = none in progress          */
+	__u8 resp_method;          /*   and the method of the request it answers  */
+	__u8 req_pushed;           /* the request whose body is being read is queued */
+	__u8 check_on;             /* 1: check check_idx by ACK; 2: the next one  */
+	__u8 pad[7];
+};
+
 struct http_event {
 	__u64 req_ns;        /* CLOCK_MONOTONIC (bpf_ktime_get_ns) of the first request byte */
 	__u64 resp_ns;       /* first response byte; when unanswered: when it was given up    */

@@ -82,6 +82,11 @@ _SIGNATURES = {
     "ring_buffer__consume": (c_int, [c_void_p]),
     "ring_buffer__epoll_fd": (c_int, [c_void_p]),
     "ring_buffer__free": (None, [c_void_p]),
+    # BTF (to find .rodata variables)
+    "bpf_object__btf": (c_void_p, [c_void_p]),
+    "btf__find_by_name_kind": (c_int, [c_void_p, c_char_p, c_u32]),
+    "btf__type_by_id": (c_void_p, [c_void_p, c_u32]),
+    "btf__name_by_offset": (c_char_p, [c_void_p, c_u32]),
     # misc
     "libbpf_num_possible_cpus": (c_int, []),
     "libbpf_set_print": (c_void_p, [c_void_p]),

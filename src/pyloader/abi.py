@@ -12,14 +12,14 @@ import struct
 u8, u16, u32, u64 = ctypes.c_uint8, ctypes.c_uint16, ctypes.c_uint32, ctypes.c_uint64
 
 MAX_URL_LEN = 256
-FIFO_DEPTH = 16
+MAX_PIPELINE = 128
 MAX_CONNS = 65536
-MAX_PENDING_URLS = 65536
+MAX_PENDING = 65536
 MAX_ENDPOINTS = 16384
 
 METHODS = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
 
-EV_URL_TRUNCATED, EV_UNANSWERED, EV_URL_LOST = 1, 2, 4
+EV_URL_TRUNCATED, EV_UNANSWERED = 1, 2
 EV_RESP_END, EV_REQ_BODY, EV_RESP_BODY = 8, 16, 32
 REASONS = ("", "reset", "server_closed", "idle", "lost")
 R_IDLE, R_LOST = 3, 4
@@ -28,21 +28,21 @@ R_IDLE, R_LOST = 3, 4
 STATS = (
     "traced_segments", "requests", "responses", "interim_responses", "events",
     "ringbuf_full", "fifo_overflow", "overflow_responses", "unmatched_responses",
-    "parse_failed", "retransmits", "gaps", "conn_map_full", "url_map_full",
-    "url_lost", "unanswered", "pending_pushed", "pending_popped", "header_too_long",
+    "parse_failed", "retransmits", "gaps", "conn_map_full", "pending_map_full",
+    "requests_evicted", "unanswered", "pending_pushed", "pending_popped", "header_too_long",
     "unsupported_framing", "resync_dropped", "early_responses", "chunked_bodies",
 )
 # C enumerator name for each of STATS (checked against BTF)
 STAT_ENUMS = (
     "S_TRACED_SEGMENTS", "S_REQUESTS", "S_RESPONSES", "S_INTERIM", "S_EVENTS",
     "S_RINGBUF_FULL", "S_FIFO_OVERFLOW", "S_OVERFLOW_RESPONSES", "S_UNMATCHED_RESPONSE",
-    "S_PARSE_FAILED", "S_RETRANSMIT", "S_GAP", "S_CONN_MAP_FULL", "S_URL_MAP_FULL",
-    "S_URL_LOST", "S_UNANSWERED", "S_PENDING_PUSHED", "S_PENDING_POPPED", "S_HEADER_TOO_LONG",
+    "S_PARSE_FAILED", "S_RETRANSMIT", "S_GAP", "S_CONN_MAP_FULL", "S_PENDING_MAP_FULL",
+    "S_REQ_EVICTED", "S_UNANSWERED", "S_PENDING_PUSHED", "S_PENDING_POPPED", "S_HEADER_TOO_LONG",
     "S_UNSUPPORTED_FRAMING", "S_RESYNC_DROPPED", "S_EARLY_RESPONSE", "S_CHUNKED",
 )
 # counters that mean something was lost or not understood
 LOSS_STATS = ("ringbuf_full", "fifo_overflow", "overflow_responses", "unmatched_responses",
-              "parse_failed", "gaps", "conn_map_full", "url_map_full", "url_lost",
+              "parse_failed", "gaps", "conn_map_full", "pending_map_full", "requests_evicted",
               "header_too_long", "unsupported_framing", "resync_dropped", "early_responses")
 
 
@@ -63,24 +63,21 @@ class StreamState(ctypes.Structure):
                 ("partial", u8 * 12)]
 
 
-class PendingReq(ctypes.Structure):
-    _fields_ = [("ts_ns", u64), ("req_body", u32), ("method", u8), ("version", u8),
-                ("flags", u8), ("pad", u8)]
-
-
-class ConnState(ctypes.Structure):
-    _fields_ = [("fifo", PendingReq * FIFO_DEPTH), ("req", StreamState), ("resp", StreamState),
-                ("last_ns", u64), ("resp_first_ns", u64), ("resp_status", u16),
-                ("req_pushed", u8), ("check_on", u8), ("check_idx", u32), ("check_seq", u32),
-                ("head", u32), ("tail", u32), ("overflow", u32)]
-
-
-class UrlKey(ctypes.Structure):
+class ReqKey(ctypes.Structure):
     _fields_ = [("conn", ConnKey), ("seq", u32), ("pad", u32)]
 
 
-class UrlVal(ctypes.Structure):
-    _fields_ = [("len", u16), ("pad", u16 * 3), ("url", ctypes.c_char * MAX_URL_LEN)]
+class PendingReq(ctypes.Structure):
+    _fields_ = [("ts_ns", u64), ("req_body", u32), ("url_len", u16), ("method", u8),
+                ("version", u8), ("flags", u8), ("pad", u8 * 7),
+                ("url", ctypes.c_char * MAX_URL_LEN)]
+
+
+class ConnState(ctypes.Structure):
+    _fields_ = [("req", StreamState), ("resp", StreamState), ("last_ns", u64),
+                ("resp_first_ns", u64), ("head", u32), ("tail", u32), ("overflow", u32),
+                ("check_idx", u32), ("check_seq", u32), ("resp_status", u16),
+                ("resp_method", u8), ("req_pushed", u8), ("check_on", u8), ("pad", u8 * 7)]
 
 
 class HttpEvent(ctypes.Structure):

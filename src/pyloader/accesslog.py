@@ -101,7 +101,7 @@ class RecordBuilder:
         }
         if sep:
             rec["url.query"] = _text(query)
-        if flags & (abi.EV_URL_TRUNCATED | abi.EV_URL_LOST):
+        if flags & abi.EV_URL_TRUNCATED:
             rec["url.truncated"] = True
         v = VERSIONS.get(version)
         if v:

@@ -123,35 +123,15 @@ class Agent:
     def sweep_idle(self, now_ns: int | None = None) -> int:
         """Report requests pending on connections idle past the timeout as
         unanswered, and forget those connections. Returns requests reported."""
-        t = self.tracer
         now_ns = now_ns if now_ns is not None else time.monotonic_ns()
         limit = now_ns - int(self.cfg.idle_timeout_s * 1e9)
-        reported = 0
-        for key, st in list(t.pending()):
-            if st.last_ns > limit:
-                continue
-            raw_key = bytes(key)
-            if not t.conns.delete(raw_key):
-                continue  # the kernel removed it meanwhile (FIN/RST)
-            for seq in range(st.head, st.tail):
-                slot = st.fifo[seq % abi.FIFO_DEPTH]
-                url = t.take_url(key, seq)
-                flags = slot.flags | (0 if url is not None else abi.EV_URL_LOST)
-                if seq == st.head and st.resp_status:
-                    # its response started (status known) but never ended
-                    status, resp_ns, reason = st.resp_status, st.resp_first_ns, 0
-                else:
-                    status, resp_ns, reason = 0, now_ns, abi.R_IDLE
-                    flags |= abi.EV_UNANSWERED
-                ev = (slot.ts_ns, resp_ns, 0, slot.req_body, 0, bytes(key.caddr),
-                      bytes(key.saddr), key.cport, key.sport, status, len(url or b""),
-                      slot.method, slot.version, flags, reason, 0, url or b"")
-                self.emit(self.builder.build(ev))
-                reported += 1
-        self.stats.idle_unanswered += reported
-        if reported:
+        evs = self.tracer.take_pending(now_ns, idle_before_ns=limit)
+        for ev in evs:
+            self.emit(self.builder.build(ev))
+        self.stats.idle_unanswered += len(evs)
+        if evs:
             self.accesslog.flush()
-        return reported
+        return len(evs)
 
     def counters(self) -> dict:
         k = self.tracer.stats()

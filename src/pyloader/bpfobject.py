@@ -174,6 +174,27 @@ class BpfObject:
         if ret < 0:
             raise BpfError(last_errno(ret), f"setting max_entries of map {name} to {n}")
 
+    def set_rodata(self, var: str, value: bytes) -> None:
+        """Set a `const volatile` global (before load), found by name in the
+        .rodata section's BTF (libbpf has fixed its offsets at open)."""
+        L = lib()
+        btf = L.bpf_object__btf(self._ptr)
+        sec = L.btf__find_by_name_kind(btf, b".rodata", 15) if btf else -1  # BTF_KIND_DATASEC
+        if sec < 0:
+            raise BpfError(2, f"finding the .rodata BTF of {self.path}")
+        hdr = ctypes.cast(L.btf__type_by_id(btf, sec), ctypes.POINTER(ctypes.c_uint32))
+        vlen = hdr[1] & 0xFFFF
+        for i in range(vlen):  # struct btf_var_secinfo { type, offset, size } after the header
+            vtype, off, size = hdr[3 + 3 * i], hdr[4 + 3 * i], hdr[5 + 3 * i]
+            vhdr = ctypes.cast(L.btf__type_by_id(btf, vtype), ctypes.POINTER(ctypes.c_uint32))
+            if L.btf__name_by_offset(btf, vhdr[0]) == var.encode():
+                if len(value) != size:
+                    raise ValueError(f"{var} is {size} bytes, got {len(value)}")
+                data = self.rodata()
+                ctypes.memmove(ctypes.addressof(data) + off, value, size)
+                return
+        raise BpfError(2, f"finding the .rodata variable {var} in {self.path}")
+
     def rodata(self) -> ctypes.Array:
         """The object's .rodata (const volatile globals), writable before load."""
         m = lib().bpf_object__next_map(self._ptr, None)

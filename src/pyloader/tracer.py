@@ -1,7 +1,6 @@
 """The loaded redtap BPF object: programs, maps, counters, pending state."""
 from __future__ import annotations
 
-import ctypes
 import os
 from pathlib import Path
 
@@ -30,21 +29,25 @@ class Tracer:
         self.resp = obj.program(self.RESP_PROG)
         self.endpoints = EndpointTable(obj.map("endpoints"))
         self.conns = obj.map("conns")
-        self.urls = obj.map("pending_urls")
+        self.requests = obj.map("pending")
         self.stats_map = obj.map("stats")
         self.events_fd = obj.map("events").fd
+        self.evicted = 0  # pending requests found evicted by take_pending()
 
     @classmethod
     def load(cls, path: str | None = None, max_conns: int | None = None,
-             wakeup_bytes: int | None = None) -> "Tracer":
+             wakeup_bytes: int | None = None, clock_from_skb: bool = False) -> "Tracer":
+        """Open and load the object. clock_from_skb: take packet times from
+        skb->tstamp (offline replay through BPF_PROG_TEST_RUN)."""
         obj = BpfObject.open(find_object(path))
         try:
             if max_conns:
                 obj.set_max_entries("conns", max_conns)
-                obj.set_max_entries("pending_urls", max_conns)
+                obj.set_max_entries("pending", max_conns)
             if wakeup_bytes is not None:
-                ro = obj.rodata()
-                ctypes.memmove(ctypes.addressof(ro), int(wakeup_bytes).to_bytes(4, "little"), 4)
+                obj.set_rodata("wakeup_bytes", int(wakeup_bytes).to_bytes(4, "little"))
+            if clock_from_skb:
+                obj.set_rodata("clock_from_skb", b"\x01")
             obj.load()
             return cls(obj)
         except BaseException:
@@ -63,15 +66,43 @@ class Tracer:
         for k, v in self.conns.items():
             yield abi.ConnKey.from_buffer_copy(k), abi.ConnState.from_buffer_copy(v)
 
-    def take_url(self, key: abi.ConnKey, seq: int) -> bytes | None:
-        """Remove and return the pending request-target of (connection, seq)."""
-        uk = abi.UrlKey(conn=key, seq=seq)
-        raw = self.urls.lookup(uk)
+    def take_request(self, key: abi.ConnKey, seq: int) -> abi.PendingReq | None:
+        """Remove and return pending request number @seq of a connection."""
+        rk = abi.ReqKey(conn=key, seq=seq)
+        raw = self.requests.lookup(rk)
         if raw is None:
             return None
-        self.urls.delete(uk)
-        val = abi.UrlVal.from_buffer_copy(raw)
-        return bytes(val.url)[:min(val.len, abi.MAX_URL_LEN)]
+        self.requests.delete(rk)
+        return abi.PendingReq.from_buffer_copy(raw)
+
+    def take_pending(self, now_ns: int, idle_before_ns: int | None = None) -> list[tuple]:
+        """Remove connections (all, or those idle since before idle_before_ns)
+        and return their pending requests as event tuples (abi.EVENT_FIELDS):
+        unanswered (R_IDLE), or answered without an end when their response
+        had started."""
+        out = []
+        for key, st in list(self.pending()):
+            if idle_before_ns is not None and st.last_ns > idle_before_ns:
+                continue
+            if not self.conns.delete(bytes(key)):
+                continue  # the kernel removed it meanwhile (FIN/RST)
+            for seq in range(st.head, (st.head + min(st.tail - st.head, abi.MAX_PIPELINE))):
+                seq &= 0xFFFFFFFF
+                r = self.take_request(key, seq)
+                if r is None:
+                    self.evicted += 1  # lost from the LRU map: counted, not reported
+                    continue
+                flags = r.flags
+                if seq == st.head and st.resp_status:
+                    status, resp_ns, reason = st.resp_status, st.resp_first_ns, 0
+                else:
+                    status, resp_ns, reason = 0, now_ns, abi.R_IDLE
+                    flags |= abi.EV_UNANSWERED
+                url = bytes(r.url)[:min(r.url_len, abi.MAX_URL_LEN)]
+                out.append((r.ts_ns, resp_ns, 0, r.req_body, 0, bytes(key.caddr),
+                            bytes(key.saddr), key.cport, key.sport, status, len(url),
+                            r.method, r.version, flags, reason, 0, url))
+        return out
 
     def close(self) -> None:
         self.obj.close()

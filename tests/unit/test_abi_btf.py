@@ -23,8 +23,8 @@ def btf():
 
 MIRRORS = {
     "http_event": abi.HttpEvent, "conn_key": abi.ConnKey, "conn_state": abi.ConnState,
-    "stream_state": abi.StreamState, "pending_req": abi.PendingReq, "url_key": abi.UrlKey,
-    "url_val": abi.UrlVal, "endpoint_key": abi.EndpointKey,
+    "stream_state": abi.StreamState, "pending_req": abi.PendingReq, "req_key": abi.ReqKey,
+    "endpoint_key": abi.EndpointKey,
 }
 
 
