@@ -36,8 +36,8 @@ struct head_scan {
 	__u64 cl;          /* Content-Length value                           */
 	__u32 len;         /* valid bytes in the current window              */
 	__u32 base;        /* offset (from the scan origin) of the window    */
-	__u32 sp1;         /* offset of the start line's 1st space (0: none) */
-	__u32 sp2;         /* offset of its 2nd space (0: none)              */
+	__u32 sp1;         /* 1 + offset of the start line's 1st space (0: none) */
+	__u32 eol1;        /* 1 + offset of the start line's '\n' (0: not yet)  */
 	__u32 hdr_end;     /* offset just past the blank line (0: not yet)   */
 	__u32 line_start;  /* offset of the current header line, or LINE_UNKNOWN */
 	__u8 flags;        /* HF_*                                           */
@@ -45,7 +45,8 @@ struct head_scan {
 	__u8 in_cl;        /* reading a Content-Length value                 */
 	__u8 in_te;        /* on a Transfer-Encoding line                    */
 	__u8 colon;        /* the current line's ':' was seen                */
-	__u8 pad[3];
+	__u8 cr1;          /* the start line ended with "\r\n"               */
+	__u8 pad[2];
 };
 
 /* bpf_loop context: the scan state and the window it reads. */
@@ -110,6 +111,8 @@ static long scan_byte(__u32 i, void *ctx)
 	if (c == '\n') {
 		if (s->in_start) {
 			s->in_start = 0;
+			s->eol1 = pos + 1;
+			s->cr1 = ((s->w0 >> 8) & 0xff) == '\r';
 		} else {
 			if ((__u32)s->w0 == 0x0d0a0d0a || (s->w0 & 0xffff) == 0x0a0a) {
 				s->hdr_end = pos + 1;
@@ -125,12 +128,8 @@ static long scan_byte(__u32 i, void *ctx)
 		return 0;
 	}
 	if (s->in_start) {
-		if (c == ' ') {
-			if (!s->sp1)
-				s->sp1 = pos;
-			else if (!s->sp2)
-				s->sp2 = pos;
-		}
+		if (c == ' ' && !s->sp1)
+			s->sp1 = pos + 1;
 		return 0;
 	}
 	if (s->in_cl) {
@@ -243,6 +242,30 @@ static __always_inline int maybe_method_start(__u64 v, __u32 n)
 		}
 	}
 	return ok;
+}
+
+/* An extension method (RFC 9110 9.1: a token; WebDAV's PROPFIND, ...):
+ * 3..15 characters of A-Z, '_', '-' and a space, at the start of @b (16
+ * bytes). Returns its length, 0 if none. Accepted only with a valid
+ * HTTP/1.x version at the end of the line (checked by the caller). */
+static __always_inline __u32 match_token_method(const __u8 *b)
+{
+	__u32 len = 0;
+	int ok = 1;
+
+#pragma unroll
+	for (int i = 0; i < 16; i++) {
+		__u8 c = b[i];
+		int tchar = (c >= 'A' && c <= 'Z') || c == '_' || c == '-';
+
+		if (!len && ok) {
+			if (c == ' ' && i >= 3)
+				len = i;
+			else if (!tchar)
+				ok = 0;
+		}
+	}
+	return ok ? len : 0;
 }
 
 /* "HTTP/1.x" -> 10 or 11; 0 if not an HTTP/1.x version. */

@@ -170,6 +170,7 @@ __noinline int emit(struct conn_key *key, __u32 seq, struct emit_args *ea)
 	e->reason = ea->reason;
 	e->ifindex = ea->ifindex;
 	e->pad = 0;
+	__builtin_memcpy(e->method_name, r->method_name, METHOD_NAME_LEN);
 	__builtin_memcpy(e->url, r->url, MAX_URL_LEN);
 	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
 	bpf_ringbuf_submit(e, avail >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
@@ -281,7 +282,10 @@ static __always_inline void message_done(struct conn_state *c, struct walk_args 
 		}
 		c->req_pushed = 0;
 	} else {
-		finish_response(&a->key, c, FLAGS_IF(EV_RESP_END | EV_RESP_BODY, a->ifindex), a->now);
+		/* a body with unseen bytes ended at an unknown time */
+		__u8 end = c->resp.body_gap ? EV_RESP_BODY : EV_RESP_END | EV_RESP_BODY;
+
+		finish_response(&a->key, c, FLAGS_IF(end, a->ifindex), a->now);
 	}
 }
 
@@ -370,6 +374,7 @@ static __always_inline __u32 message_start(struct __sk_buff *skb, struct stream_
 
 	if (plen > 11)
 		plen = 11;
+	__builtin_memset(sc->hdr, 0, sizeof(sc->hdr));
 	__builtin_memcpy(sc->hdr, st->partial, sizeof(st->partial));
 	if (n > 0)
 		bpf_skb_load_bytes(skb, a->payload_off + off, sc->hdr + plen, n);
@@ -403,15 +408,20 @@ static __always_inline int parse_request(struct __sk_buff *skb, struct conn_stat
 	int r;
 
 	plen = message_start(skb, st, a, off, avail, sc);
+	if (!plen && (sc->hdr[0] == '\r' || sc->hdr[0] == '\n'))
+		return 1; /* an empty line before a message (RFC 9112 2.2): skip it */
 	if (plen + avail < 8) {
 		park_partial(st, plen, avail, a, sc);
 		return -1;
 	}
 	__builtin_memcpy(&first, sc->hdr, 8);
 	method = match_method(first, &mlen);
-	if (method == M_UNKNOWN)
-		return 0;
-	stat_inc(S_REQUESTS);
+	if (method == M_UNKNOWN) {
+		mlen = match_token_method(sc->hdr);
+		if (!mlen)
+			return 0;
+		method = M_OTHER;
+	}
 	if (st->mode == SM_PARTIAL)
 		ts = st->body_left;
 
@@ -442,18 +452,23 @@ static __always_inline int parse_request(struct __sk_buff *skb, struct conn_stat
 	r = scan_head(skb, a->payload_off + off + u0, avail - u0, s);
 	if (url_done) {
 		useg = 0;
-	} else if (s->sp1) {
-		useg = s->sp1;
-		if (u0 + s->sp1 + 9 <= avail) {
+	} else if (s->sp1 && (!s->eol1 || s->sp1 < s->eol1)) {
+		useg = s->sp1 - 1;
+		if (u0 + useg + 9 <= avail) {
 			__u64 ver = 0;
 
-			bpf_skb_load_bytes(skb, a->payload_off + off + u0 + s->sp1 + 1, &ver, 8);
+			bpf_skb_load_bytes(skb, a->payload_off + off + u0 + useg + 1, &ver, 8);
 			version = match_version(ver);
 		}
+	} else if (s->eol1) { /* no version: "GET /x\r\n" (HTTP/0.9 style) */
+		useg = s->eol1 - 1 - s->cr1;
 	} else {
 		useg = avail - u0; /* the line goes on in the next segment */
 		flags |= EV_URL_TRUNCATED;
 	}
+	if (method == M_OTHER && !version)
+		return 0; /* an unknown token is a method only in a whole request line */
+	stat_inc(S_REQUESTS);
 	ulen = k + useg;
 	if (ulen > MAX_URL_LEN) {
 		ulen = MAX_URL_LEN;
@@ -474,6 +489,9 @@ static __always_inline int parse_request(struct __sk_buff *skb, struct conn_stat
 		}
 		u->ts_ns = ts;
 		u->req_body = 0;
+		__builtin_memset(u->method_name, 0, METHOD_NAME_LEN);
+		if (method == M_OTHER)
+			__builtin_memcpy(u->method_name, sc->hdr, METHOD_NAME_LEN - 1);
 		u->method = method;
 		u->version = version;
 		u->flags = flags;
@@ -538,6 +556,8 @@ static __always_inline int parse_response(struct __sk_buff *skb, struct conn_sta
 	int r, has_body;
 
 	plen = message_start(skb, st, a, off, avail, sc);
+	if (!plen && (sc->hdr[0] == '\r' || sc->hdr[0] == '\n'))
+		return 1; /* stray line end after a body: skip it */
 	if (plen + avail < 12) {
 		park_partial(st, plen, avail, a, sc);
 		return -1;
@@ -781,8 +801,13 @@ static __always_inline int handle(struct __sk_buff *skb, int is_req)
 				goto no_conn;
 		} else {
 			bpf_skb_load_bytes(skb, pp->payload_off, &first, 8);
-			if (match_method(first, &mlen) == M_UNKNOWN)
-				goto no_conn;
+			if (match_method(first, &mlen) == M_UNKNOWN) {
+				__u32 n = pp->payload_len < 16 ? 8 : 16;
+
+				if (bpf_skb_load_bytes(skb, pp->payload_off, sc->hdr, n) < 0 ||
+				    (n == 16 && !match_token_method(sc->hdr)) || n < 16)
+					goto no_conn;
+			}
 		}
 		__builtin_memset(&sc->conn, 0, sizeof(sc->conn));
 		sc->conn.req.next_seq = pp->seq;
@@ -834,7 +859,9 @@ static __always_inline int handle(struct __sk_buff *skb, int is_req)
 		/* the server closed: a close-delimited body ends here, and
 		 * nothing else pending can be answered now */
 		if (c->resp.mode == SM_UNTIL_CLOSE)
-			finish_response(&a->key, c, FLAGS_IF(EV_RESP_END | EV_RESP_BODY, ifindex),
+			finish_response(&a->key, c,
+					FLAGS_IF(c->resp.body_gap ? EV_RESP_BODY :
+						 EV_RESP_END | EV_RESP_BODY, ifindex),
 					c->resp.last_data_ns);
 		else
 			finish_response(&a->key, c, FLAGS_IF(0, ifindex), 0);

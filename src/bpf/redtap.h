@@ -31,7 +31,10 @@ enum http_method {
 	M_OPTIONS,
 	M_TRACE,
 	M_PATCH,
+	M_OTHER,   /* an extension method: its name in method_name */
 };
+
+#define METHOD_NAME_LEN 16
 
 /* event.flags */
 #define EV_URL_TRUNCATED (1 << 0) /* request-target longer than MAX_URL_LEN or split */
@@ -137,7 +140,8 @@ struct stream_state {
 	__u8 seq_valid;    /* next_seq holds a value                          */
 	__u8 hdr_flags;    /* SM_HEADERS: HF_*; SM_CHUNK_SIZE: CF_*           */
 	__u8 partial_len;  /* SM_PARTIAL: bytes in partial[]                  */
-	__u8 partial[12];  /* SM_PARTIAL: a message's first bytes             */
+	__u8 partial[11];  /* SM_PARTIAL: a message's first bytes             */
+	__u8 body_gap;     /* bytes of the current body were not seen         */
 };
 
 /* stream_state.hdr_flags while reading a chunk-size line */
@@ -162,6 +166,7 @@ struct pending_req {
 	__u8 version;
 	__u8 flags;        /* EV_URL_TRUNCATED, EV_REQ_BODY              */
 	__u8 pad[7];
+	char method_name[METHOD_NAME_LEN]; /* M_OTHER only               */
 	char url[MAX_URL_LEN];
 };
 
@@ -198,6 +203,7 @@ struct http_event {
 	__u8 reason;         /* enum unanswered_reason                   */
 	__u32 ifindex;       /* interface the response (or reset) was seen on */
 	__u32 pad;
+	char method_name[METHOD_NAME_LEN]; /* M_OTHER only: the method as sent */
 	char url[MAX_URL_LEN];
 };
 

@@ -34,11 +34,13 @@ static __always_inline int seg_start(struct stream_state *st, __u32 seq, __u32 l
 		} else if (d > 0) {
 			/* bytes missing: harmless inside a body of known length */
 			if ((st->mode == SM_BODY || st->mode == SM_CHUNK_DATA) &&
-			    st->body_left > (__u64)d) {
-				st->body_left -= d;
+			    st->body_left >= (__u64)d) {
+				st->body_left -= d; /* may now be 0: the walk ends the body */
 				st->body_seen += d;
+				st->body_gap = 1;
 			} else if (st->mode == SM_UNTIL_CLOSE) {
 				st->body_seen += d;
+				st->body_gap = 1;
 			} else if (st->mode != SM_TUNNEL) {
 				st->mode = SM_UNSYNC;
 				*lost = 1;
@@ -65,6 +67,7 @@ static __always_inline int frame_body(struct stream_state *st, __u8 flags, __u64
 				      int has_body, int close_delimited)
 {
 	st->body_seen = 0;
+	st->body_gap = 0;
 	if (!has_body) {
 		st->mode = SM_HEAD;
 		return 1;

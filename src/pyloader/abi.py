@@ -17,7 +17,10 @@ MAX_CONNS = 65536
 MAX_PENDING = 65536
 MAX_ENDPOINTS = 16384
 
-METHODS = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH")
+METHODS = ("", "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+           "_OTHER")
+M_OTHER = 10
+METHOD_NAME_LEN = 16
 
 EV_URL_TRUNCATED, EV_UNANSWERED = 1, 2
 EV_RESP_END, EV_REQ_BODY, EV_RESP_BODY = 8, 16, 32
@@ -60,7 +63,7 @@ class StreamState(ctypes.Structure):
     _fields_ = [("body_left", u64), ("hdr_cl", u64), ("body_seen", u64), ("last_data_ns", u64),
                 ("hdr_w0", u64), ("hdr_w1", u64), ("next_seq", u32), ("line_len", u32),
                 ("mode", u8), ("seq_valid", u8), ("hdr_flags", u8), ("partial_len", u8),
-                ("partial", u8 * 12)]
+                ("partial", u8 * 11), ("body_gap", u8)]
 
 
 class ReqKey(ctypes.Structure):
@@ -70,6 +73,7 @@ class ReqKey(ctypes.Structure):
 class PendingReq(ctypes.Structure):
     _fields_ = [("ts_ns", u64), ("req_body", u32), ("url_len", u16), ("method", u8),
                 ("version", u8), ("flags", u8), ("pad", u8 * 7),
+                ("method_name", ctypes.c_char * METHOD_NAME_LEN),
                 ("url", ctypes.c_char * MAX_URL_LEN)]
 
 
@@ -85,15 +89,16 @@ class HttpEvent(ctypes.Structure):
                 ("resp_body", u64), ("conn", ConnKey), ("status", u16),
                 ("url_len", u16), ("method", u8), ("version", u8), ("flags", u8),
                 ("reason", u8), ("ifindex", u32), ("pad", u32),
+                ("method_name", ctypes.c_char * METHOD_NAME_LEN),
                 ("url", ctypes.c_char * MAX_URL_LEN)]
 
 
 # Fast decoding of a ringbuf record: one struct.unpack_from per event.
 # Field order follows HttpEvent (checked by tests against ctypes and BTF).
-EVENT_STRUCT = struct.Struct("<QQQQQ16s16sHH4xHHBBBBI4x256s")
+EVENT_STRUCT = struct.Struct("<QQQQQ16s16sHH4xHHBBBBI4x16s256s")
 EVENT_FIELDS = ("req_ns", "resp_ns", "resp_last_ns", "req_body", "resp_body", "caddr", "saddr",
                 "cport", "sport", "status", "url_len", "method", "version", "flags", "reason",
-                "ifindex", "url")
+                "ifindex", "method_name", "url")
 EVENT_SIZE = EVENT_STRUCT.size
 assert EVENT_SIZE == ctypes.sizeof(HttpEvent)
 

@@ -85,7 +85,7 @@ class RecordBuilder:
 
     def build(self, ev: tuple, wall_ns: int | None = None, resp_wall_ns: int | None = None) -> dict:
         (req_ns, resp_ns, resp_last_ns, req_body, resp_body, caddr, saddr, cport, sport,
-         status, url_len, method, version, flags, reason, _ifindex, url) = ev
+         status, url_len, method, version, flags, reason, _ifindex, method_name, url) = ev
         if wall_ns is None:
             wall_ns = self.clock.wall_ns(req_ns)
         raw_url = url[:min(url_len, abi.MAX_URL_LEN)]
@@ -96,9 +96,11 @@ class RecordBuilder:
             "client.port": cport,
             "server.address": self.addr(saddr),
             "server.port": sport,
-            "http.request.method": abi.METHODS[method] if method < len(abi.METHODS) else "_OTHER",
+            "http.request.method": abi.METHODS[method] if 0 < method < len(abi.METHODS) else "_OTHER",
             "url.path": _text(path),
         }
+        if method == abi.M_OTHER:  # OpenTelemetry: the name as sent, beside "_OTHER"
+            rec["http.request.method_original"] = _text(method_name.split(b" ", 1)[0].rstrip(b"\0"))
         if sep:
             rec["url.query"] = _text(query)
         if flags & abi.EV_URL_TRUNCATED:

@@ -107,6 +107,44 @@ def _tcp(frame: bytes):
         return None
 
 
+MAX_FRAME = 3000  # BPF_PROG_TEST_RUN takes about a page of packet data
+SEG_PAYLOAD = 1400
+
+
+def resegment(frame: bytes) -> list[bytes]:
+    """A frame too big for BPF_PROG_TEST_RUN (a capture taken with TSO/GRO)
+    as the TCP segments it stands for: same bytes, consecutive sequence
+    numbers, FIN/PSH only on the last."""
+    if len(frame) <= MAX_FRAME:
+        return [frame]
+    etype = struct.unpack_from("!H", frame, 12)[0]
+    if etype == ETH_IP:
+        ihl = (frame[14] & 0x0F) * 4
+        l4 = 14 + ihl
+        if frame[23] != 6:
+            return []
+    elif etype == ETH_IP6 and frame[20] == 6:
+        l4 = 14 + 40
+    else:
+        return []
+    doff = (frame[l4 + 12] >> 4) * 4
+    head, payload = bytearray(frame[:l4 + doff]), frame[l4 + doff:]
+    seq0, flags = struct.unpack_from("!I", frame, l4 + 4)[0], frame[l4 + 13]
+    out = []
+    for off in range(0, len(payload), SEG_PAYLOAD):
+        chunk = payload[off:off + SEG_PAYLOAD]
+        h = bytearray(head)
+        struct.pack_into("!I", h, l4 + 4, (seq0 + off) & 0xFFFFFFFF)
+        last = off + SEG_PAYLOAD >= len(payload)
+        h[l4 + 13] = flags if last else flags & ~0x09  # FIN, PSH on the last only
+        if etype == ETH_IP:
+            struct.pack_into("!H", h, 16, ihl + doff + len(chunk))
+        else:
+            struct.pack_into("!H", h, 18, doff + len(chunk))
+        out.append(bytes(h) + chunk)
+    return out
+
+
 def guess_servers(packets) -> set[tuple]:
     """The (address, port) ends that sent status lines; if none, the ends
     that received request lines."""
@@ -158,7 +196,8 @@ def replay(path: str, endpoints: list[Endpoint] | None, log_path: str | None,
             else:
                 continue
             ctx.tstamp = ts
-            prog.test_run(frame, bytes(ctx))
+            for seg in resegment(frame):
+                prog.test_run(seg, bytes(ctx))
             last_ts = max(last_ts, ts)
             for raw in rb.consume():
                 out.record(builder.build(abi.decode_event(raw)))

@@ -101,7 +101,7 @@ class Tracer:
                 url = bytes(r.url)[:min(r.url_len, abi.MAX_URL_LEN)]
                 out.append((r.ts_ns, resp_ns, 0, r.req_body, 0, bytes(key.caddr),
                             bytes(key.saddr), key.cport, key.sport, status, len(url),
-                            r.method, r.version, flags, reason, 0, url))
+                            r.method, r.version, flags, reason, 0, bytes(r.method_name), url))
         return out
 
     def close(self) -> None:

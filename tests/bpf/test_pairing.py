@@ -317,3 +317,27 @@ def test_method_split_across_segments(h):
     evs = h.events()
     assert [e["url"] for e in evs] == [b"/first", b"/second"]
     assert evs[1]["version"] == 11 and not evs[1]["flags"] & abi.EV_URL_TRUNCATED
+
+
+def test_extension_method_with_http_version(h):
+    c = P.Conn()
+    h.req(c.req(b"PROPFIND /dav/ HTTP/1.1\r\nDepth: 1\r\n\r\n"))
+    h.resp(c.resp(P.response(207)))
+    (ev,) = h.events()
+    assert ev["method"] == "_OTHER" and ev["method_name"].rstrip(b"\0").startswith(b"PROPFIND ")
+    assert ev["url"] == b"/dav/" and ev["status"] == 207
+
+
+def test_unknown_token_without_version_is_not_a_request(h):
+    c = P.Conn()
+    h.req(c.req(b"HELLO world\r\n\r\n"))
+    h.resp(c.resp(P.response(200)))
+    assert h.events() == []
+
+
+def test_request_line_without_version_ends_at_line_end(h):
+    c = P.Conn()
+    h.req(c.req(b"GET /HTTP/1.1\nHost: x\n\n"))
+    h.resp(c.resp(P.response(403)))
+    (ev,) = h.events()
+    assert ev["url"] == b"/HTTP/1.1" and ev["version"] == 0 and ev["status"] == 403

@@ -46,7 +46,9 @@ def test_stat_indices_match_btf(btf):
 
 def test_methods_match_btf(btf):
     values = {v["name"]: v["val"] for v in btf[("ENUM", "http_method")]["values"]}
-    assert values == {("M_" + m if m else "M_UNKNOWN"): i for i, m in enumerate(abi.METHODS)}
+    names = ["M_UNKNOWN"] + ["M_" + m for m in abi.METHODS[1:-1]] + ["M_OTHER"]
+    assert values == {n: i for i, n in enumerate(names)}
+    assert values["M_OTHER"] == abi.M_OTHER
 
 
 def test_reasons_match_btf(btf):

@@ -14,7 +14,7 @@ def ev(url=b"/a?b=c", status=200, flags=0, reason=0, method=1, version=11,
        req_ns=1_000_000_000, resp_ns=1_002_500_000):
     return (req_ns, resp_ns, resp_ns + 500_000, 0, 2, V4 + bytes([198, 18, 0, 20]),
             V4 + bytes([198, 18, 0, 10]), 40000, 80, status, len(url), method, version, flags,
-            reason, 3, url.ljust(abi.MAX_URL_LEN, b"\x00"))
+            reason, 3, b"", url.ljust(abi.MAX_URL_LEN, b"\x00"))
 
 
 def test_answered_record_has_exactly_the_documented_fields():
