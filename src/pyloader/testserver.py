@@ -1,6 +1,7 @@
 """A small HTTP/1.1 server for the demo and tests (run inside a pod namespace).
 
 GET  /py/slow?ms=N  answers after N ms       GET /py/error  -> 503
+GET  /py/chunked?n=N&size=S  N chunks of S bytes (Transfer-Encoding: chunked)
 GET  /py/...        -> 200                    POST/PUT       -> 201 (body read)
 HEAD                -> headers of GET
 """
@@ -36,7 +37,24 @@ class Handler(BaseHTTPRequestHandler):
             time.sleep(ms / 1000)
         if u.path == "/py/error":
             return self._reply(503, b"unavailable\n", head)
+        if u.path == "/py/chunked":
+            q = parse_qs(u.query)
+            return self._chunked(int(q.get("n", ["5"])[0]), int(q.get("size", ["100"])[0]), head)
         self._reply(200, b"py ok\n", head)
+
+    def _chunked(self, n: int, size: int, head: bool) -> None:
+        """n chunks of size bytes, each in its own write, 5 ms apart."""
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        if head:
+            return
+        for i in range(n):
+            self.wfile.write(b"%x\r\n" % size + bytes([97 + i % 26]) * size + b"\r\n")
+            self.wfile.flush()
+            time.sleep(0.005)
+        self.wfile.write(b"0\r\n\r\n")
 
     def do_GET(self):
         self._get(False)

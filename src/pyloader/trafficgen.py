@@ -6,6 +6,7 @@ what it got back, so a test can compare the access log with the truth.
     pipeline  HOST PORT N PATH     N requests in one write, then N responses
     post      HOST PORT PATH SIZE  one POST with a SIZE-byte body
     reset     HOST PORT PATH       send a request, then RST before the answer
+    download  HOST PORT PATH KBPS  GET with a 16 kB receive buffer, read at KBPS
 """
 from __future__ import annotations
 
@@ -99,6 +100,37 @@ def reset(host, port, path):
     out("GET", path, None)
 
 
+def download(host, port, path, kbps):
+    """A slow reader: a small receive window makes the server send at our pace."""
+    import time
+    fam = socket.AF_INET6 if ":" in host else socket.AF_INET
+    s = socket.socket(fam, socket.SOCK_STREAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 16384)
+    s.settimeout(60)
+    s.connect((host, port))
+    s.sendall(request("GET", path, host))
+    f = s.makefile("rb", buffering=0)
+    line = f.readline()
+    status, length = int(line.split()[1]), 0
+    while True:
+        h = f.readline()
+        if h in (b"\r\n", b""):
+            break
+        if h.lower().startswith(b"content-length:"):
+            length = int(h.split(b":")[1])
+    got, t0, chunk = 0, time.monotonic(), 8192
+    while got < length:
+        data = f.read(min(chunk, length - got))
+        if not data:
+            break
+        got += len(data)
+        ahead = got / (kbps * 1024) - (time.monotonic() - t0)
+        if ahead > 0:
+            time.sleep(ahead)
+    s.close()
+    out("GET", path, status)
+
+
 def main(argv=None) -> None:
     a = argv or sys.argv[1:]
     cmd, host, port = a[0], a[1], int(a[2])
@@ -110,6 +142,8 @@ def main(argv=None) -> None:
         post(host, port, a[3], int(a[4]))
     elif cmd == "reset":
         reset(host, port, a[3])
+    elif cmd == "download":
+        download(host, port, a[3], int(a[4]))
     else:
         raise SystemExit(f"unknown command {cmd}")
 
