@@ -14,7 +14,7 @@ import time
 from collections import defaultdict
 
 SHARED = os.environ.get("REDTAP_SHARED",
-                        os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared"))
+                        os.path.join(os.path.dirname(__file__), "..", "..", "shared"))
 TRUTH_TOOL = os.path.join(SHARED, "corpus", "tools", "tshark_truth.py")
 SAVE_DIR = os.environ.get("REDTAP_SAVE_CAPTURES")  # keep the captures (tests/captures/)
 
