@@ -3,7 +3,7 @@
 # Idempotent: installs only what is missing. Needs root (or sudo).
 set -euo pipefail
 PKGS=(clang llvm libbpf-dev libbpf1 bpftool iproute2 iptables nginx-light wrk curl tshark
-      python3-venv make)
+      python3-venv make openssl tmux prometheus)
 need=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")
@@ -16,3 +16,5 @@ if ((${#need[@]})); then
 fi
 # nginx from the package starts a system service we do not want on :80
 systemctl disable --now nginx >/dev/null 2>&1 || true
+# and the prometheus package (used by tests to evaluate the documented PromQL) its own
+systemctl disable --now prometheus prometheus-node-exporter >/dev/null 2>&1 || true

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 
 from . import __version__
-from .errors import RedtapError
+from .errors import ConfigError, RedtapError
 from .endpoints import parse_endpoint
 
 RUN_HELP = """\
@@ -51,6 +52,25 @@ def _run_parser(sub) -> None:
     p.add_argument("--bpf-object", default=None, help="BPF object to load (default: the package's)")
     p.add_argument("--summary", action="store_true",
                    help="print a R.E.D. table per server endpoint to stderr at exit")
+    p.add_argument("--metrics-addr", default=None, metavar="HOST:PORT",
+                   help="serve Prometheus metrics on http://HOST:PORT/metrics ([v6]:PORT for IPv6)")
+    p.add_argument("--route", action="append", default=[], metavar="PATTERN",
+                   help="route template like '/api/v1/items/{id}' (repeatable; wins over the "
+                        "default id heuristics)")
+    p.add_argument("--max-routes", type=int, default=100, metavar="N",
+                   help="distinct routes per server before the rest fold into /{overflow} "
+                        "(default 100)")
+    k = p.add_argument_group("Kubernetes metadata (which endpoints to trace, names of both ends)")
+    k.add_argument("--k8s", action=argparse.BooleanOptionalAction, default=None,
+                   help="watch the Kubernetes API (default: on when --kubeconfig is given or "
+                        "when running in a pod with a service account)")
+    k.add_argument("--kubeconfig", default=None, metavar="PATH",
+                   help="kubeconfig to use (default: in-cluster service account)")
+    k.add_argument("--node-name", default=os.environ.get("NODE_NAME"), metavar="NAME",
+                   help="this node's name (default $NODE_NAME, from the downward API)")
+    k.add_argument("--k8s-all-pods", action=argparse.BooleanOptionalAction, default=True,
+                   help="watch every pod of the cluster to name clients on other nodes "
+                        "(default on; off: only this node's pods are named)")
     p.add_argument("-v", "--verbose", action="store_true")
 
 
@@ -59,7 +79,36 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"redtap {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _run_parser(sub)
+    from .top import add_parser as _top_parser
+    _top_parser(sub)
+    from .replay import add_parser as _replay_parser
+    _replay_parser(sub)
     return ap
+
+
+def _k8s_components(args) -> list:
+    """The metadata component, when enabled (explicitly, or by --kubeconfig / in-cluster)."""
+    from .k8s_watch import in_cluster
+    on = args.k8s if args.k8s is not None else bool(args.kubeconfig) or in_cluster()
+    if not on:
+        return []
+    if not args.node_name:
+        raise ConfigError("Kubernetes metadata needs this node's name: --node-name or NODE_NAME")
+    from .k8s_meta import K8sMeta
+    from .k8s_watch import load_client
+    return [K8sMeta(args.node_name, load_client(args.kubeconfig), all_pods=args.k8s_all_pods)]
+
+
+def _red_components(args) -> list:
+    """Route templates (always: the log gets http.route) and, with --metrics-addr,
+    the Prometheus endpoint. Put them after components that add server.k8s.* names."""
+    from .routes import RouteComponent, RouteTable
+    table = RouteTable(args.route, max_routes=args.max_routes)
+    comps = [RouteComponent(table)]
+    if args.metrics_addr:
+        from .metrics import MetricsComponent
+        comps.append(MetricsComponent(args.metrics_addr, table))
+    return comps
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +125,14 @@ def main(argv: list[str] | None = None) -> int:
                 max_conns=args.max_conns, poll_ms=args.poll_ms,
                 idle_timeout_s=args.idle_timeout, stats_interval_s=args.stats_interval,
                 summary=args.summary)
+            cfg.components += _k8s_components(args)
+            cfg.components += _red_components(args)
             return Agent(cfg).run()
+        if args.cmd == "replay":
+            return args.func(args)
+        if args.cmd == "top":
+            from .top import main as top_main
+            return top_main(args)
     except RedtapError as e:
         print(f"redtap: {e}", file=sys.stderr)
         return 1

@@ -22,10 +22,11 @@ import threading
 import time
 
 from .abi import LOSS_STATS
-from .netnode import Node
-from .summary import RedSummary
+from . import top
+from .netnode import NODE_IP, Node
 
 ENDPOINTS = ("198.18.0.10:80", "[2001:db8::a]:80", "198.18.0.11:8080")
+METRICS_URL = f"http://{NODE_IP}:9400/metrics"  # the agent's --metrics-addr, in the node namespace
 START_TIMEOUT_S = 15.0
 SETTLE_TIMEOUT_S = 3.0
 
@@ -62,8 +63,20 @@ def format_record(r: dict) -> str:
     server = hostport(r["server.address"], r["server.port"])
     target = r["url.path"] + (f"?{r['url.query']}" if "url.query" in r else "")
     status = r.get("http.response.status_code", "no response")
-    return (f"  {t} {client:>23} -> {server:<19} {r['http.request.method']:<5} "
+    line = (f"  {t} {client:>23} -> {server:<19} {r['http.request.method']:<5} "
             f"{target:<20} {status!s:<11} {r['duration_ms']:8.3f} ms")
+    return line + k8s_names(r)
+
+
+def k8s_names(r: dict) -> str:
+    """'  [client-a -> shop/web-5d8f7-x1 svc web, Deployment web]' (Kubernetes metadata)."""
+    if "server.k8s.pod.name" not in r and "client.k8s.pod.name" not in r:
+        return ""
+    server = f"{r.get('server.k8s.namespace.name', '?')}/{r.get('server.k8s.pod.name', '?')}"
+    extra = [f"svc {r['server.k8s.service.name']}"] if "server.k8s.service.name" in r else []
+    if "server.k8s.workload.name" in r:
+        extra.append(f"{r['server.k8s.workload.kind']} {r['server.k8s.workload.name']}")
+    return f"  [{r.get('client.k8s.pod.name', '-')} -> {server} {', '.join(extra)}]"
 
 
 class LogTail(threading.Thread):
@@ -100,9 +113,24 @@ class LogTail(threading.Thread):
 
 
 # -- the agent -----------------------------------------------------------------
-def start_agent(node: Node, logpath: str) -> subprocess.Popen:
+def start_fake_api(node: Node):
+    """The repo's test API server (tests/fakeapi.py) as the node's Kubernetes API:
+    (server, agent args), or (None, []) outside a source checkout."""
+    tests = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "tests")
+    if not os.path.isfile(os.path.join(tests, "fakeapi.py")):
+        return None, []
+    sys.path.insert(0, os.path.abspath(tests))
+    from fakeobjs import demo_cluster
+    api = demo_cluster(node)
+    log(f"Kubernetes API (tests/fakeapi.py) on {api.url}: the agent gets no --endpoint")
+    return api, ["--kubeconfig", api.kubeconfig(os.path.join(node.dir, "kubeconfig")),
+                 "--node-name", "node-a"]
+
+
+def start_agent(node: Node, logpath: str, k8s_args=()) -> subprocess.Popen:
     errpath = os.path.join(node.dir, "agent.stderr")
-    args = [a for ep in ENDPOINTS for a in ("--endpoint", ep)]
+    args = list(k8s_args) or [a for ep in ENDPOINTS for a in ("--endpoint", ep)]
+    args += ["--metrics-addr", f"{NODE_IP}:9400"]
     with open(errpath, "wb") as err:
         proc = node.spawn(node.node_ns, sys.executable, "-m", "pyloader", "run",
                           "--log", logpath, *args, stderr=err)
@@ -112,6 +140,14 @@ def start_agent(node: Node, logpath: str) -> subprocess.Popen:
         if start:
             log(f"agent pid {proc.pid} traces {', '.join(start['endpoints'])} "
                 f"on {', '.join(start['interfaces'])}")
+            log(f"live view: sudo ip netns exec {node.node_ns} {sys.executable} -m pyloader top "
+                f"--metrics-url {METRICS_URL}")
+            while k8s_args and time.monotonic() < end + START_TIMEOUT_S:
+                ev = find_event(read_lines(logpath), "redtap.endpoints")
+                if ev:
+                    log(f"from the API: traces {', '.join(ev['endpoints'])}")
+                    break
+                time.sleep(0.1)
             return proc
         if proc.poll() is not None:
             break
@@ -216,13 +252,32 @@ def wait_for_records(logpath: str, want: int, timeout: float = SETTLE_TIMEOUT_S)
 
 
 # -- the report ----------------------------------------------------------------
-def report(lines: list[dict], window_s: float, requests: int) -> bool:
+def scrape_metrics(node: Node, requests: int, timeout: float = SETTLE_TIMEOUT_S) -> str:
+    """The agent's /metrics, once it counts every request the clients made."""
+    end, text = time.monotonic() + timeout, ""
+    while True:
+        r = node.ns_exec(node.node_ns, "curl", "-sS", "--noproxy", "*", "-m", "5", METRICS_URL,
+                         check=False)
+        if r.returncode == 0:
+            text = r.stdout
+            if metrics_total(text) >= requests or time.monotonic() > end:
+                return text
+        elif time.monotonic() > end:
+            log(f"warning: cannot scrape {METRICS_URL}: {r.stderr.strip()}")
+            return text
+        time.sleep(0.1)
+
+
+def metrics_total(text: str) -> int:
+    return int(sum(r.total for r in top.rows(top.parse(text), None))) if text else 0
+
+
+def report(lines: list[dict], window_s: float, requests: int, metrics: str = "") -> bool:
     recs = records(lines)
-    red = RedSummary(started=time.monotonic() - window_s)  # rates over the traffic window
-    for r in recs:
-        red.add(r)
-    log("\nR.E.D. per server endpoint")
-    log(red.table())
+    rows = top.rows(top.parse(metrics), None, elapsed=window_s, top_routes=3) if metrics else []
+    log("")  # the same aggregation that feeds Prometheus and `redtap top`
+    log(top.render(rows, f"R.E.D. per server from {METRICS_URL} "
+                         f"(rates over the {window_s:.1f}s of traffic; busiest routes below each)"))
     exit_ev = find_event(lines, "redtap.exit")
     if exit_ev:
         k = exit_ev["kernel"]
@@ -233,9 +288,10 @@ def report(lines: list[dict], window_s: float, requests: int) -> bool:
                                         if lost else "all zero"))
     else:
         log("\nno redtap.exit line in the log (the agent did not exit cleanly)")
-    ok = len(recs) == requests
-    log(f"\nclients made {requests} requests; the agent logged {len(recs)} records: "
-        + ("OK" if ok else "MISMATCH"))
+    counted = metrics_total(metrics)
+    ok = len(recs) == requests == counted
+    log(f"\nclients made {requests} requests; the agent logged {len(recs)} records "
+        f"and counted {counted} in its metrics: " + ("OK" if ok else "MISMATCH"))
     return ok
 
 
@@ -256,7 +312,13 @@ def run(node: Node) -> int:
     node.setup()
     start_servers(node)
     logpath = os.path.join(node.dir, "access.log")
-    agent = start_agent(node, logpath)
+    api, k8s_args = start_fake_api(node)
+    try:
+        agent = start_agent(node, logpath, k8s_args)
+    except BaseException:
+        if api:
+            api.stop()
+        raise
     clients, tail = Clients(node), LogTail(logpath)
     tail.start()
     try:
@@ -265,13 +327,16 @@ def run(node: Node) -> int:
         window = time.monotonic() - started
         log(f"traffic done in {window:.1f}s")
         wait_for_records(logpath, clients.requests)
+        metrics = scrape_metrics(node, clients.requests)
         rc = stop_agent(agent)
         log(f"agent exited with status {rc}")
     finally:
         tail.stop()
+        if api:
+            api.stop()
     for p in clients.problems:
         log(f"warning: {p}")
-    ok = report(read_lines(logpath), window, clients.requests)
+    ok = report(read_lines(logpath), window, clients.requests, metrics)
     return 0 if ok and rc == 0 else 1
 
 
