@@ -246,16 +246,25 @@ __noinline int flush_pending(struct conn_key *key, struct conn_state *c, __u64 r
 
 #define ST(c, a) ((a)->is_req ? &(c)->req : &(c)->resp)
 
-/* A stream lost track of message boundaries (gap, garbage, bad framing).
- * Responses: the pending requests can no longer be paired safely, so
- * they are reported (R_LOST) and the next request's response is checked
- * by ACK. Requests: a request may have been missed, so the response to
- * the next one is checked by ACK (see check_early_response). */
+/* A stream lost track of message boundaries (gap, garbage, bad framing,
+ * more messages in a segment than it follows).
+ * A pipelining client: how many requests were missed, or which response
+ * answers which, cannot be known any more, so the connection is given up
+ * (counted) and its pending requests reported (R_LOST), never mispaired.
+ * Otherwise each request waits for its answer, and the TCP ACK of the next
+ * response tells whether it can answer the next request
+ * (check_early_response). Responses lost: the pending requests are
+ * reported (R_LOST). */
 static __always_inline void lost_sync(struct conn_state *c, struct walk_args *a)
 {
-	if (!a->is_req) {
+	if (!a->is_req || c->pipelined) {
 		finish_response(&a->key, c, FLAGS_IF(0, a->ifindex), 0);
 		flush_pending(&a->key, c, FLAGS_IF(R_LOST, a->ifindex), a->now);
+	}
+	if (c->pipelined) {
+		c->req.mode = SM_TUNNEL;
+		c->resp.mode = SM_TUNNEL;
+		stat_inc(S_GIVEN_UP);
 	}
 	c->check_on = 2;
 }
@@ -475,6 +484,21 @@ static __always_inline int parse_request(struct __sk_buff *skb, struct conn_stat
 		flags |= EV_URL_TRUNCATED;
 	}
 
+	if (c->tail != c->head && !c->overflow) {
+		/* a request while others are pending: pipelining, or their answers
+		 * were lost before we saw them? The client's ACK tells: if it has
+		 * received response bytes we have not seen, answers were lost. */
+		if (c->resp.seq_valid && (__s32)(a->ack - c->resp.next_seq) > 0) {
+			stat_inc(S_GAP);
+			finish_response(&a->key, c, FLAGS_IF(0, a->ifindex), 0);
+			flush_pending(&a->key, c, FLAGS_IF(R_LOST, a->ifindex), a->now);
+			c->resp.mode = SM_UNSYNC;
+			c->resp.next_seq = a->ack; /* received by the client, unseen by us */
+			c->check_on = 2;
+		} else {
+			c->pipelined = 1;
+		}
+	}
 	if (c->overflow || c->tail - c->head >= MAX_PIPELINE) {
 		/* no room: its response will be skipped, keeping the pairing */
 		c->overflow++;

@@ -81,6 +81,8 @@ enum stat_idx {
 	S_EARLY_RESPONSE,     /* response sent before its server had received the
 			       * request it would pair with: skipped           */
 	S_CHUNKED,            /* chunked bodies followed to their end          */
+	S_GIVEN_UP,           /* pipelining connections that lost sync: no longer
+			       * followed (their pending requests: R_LOST)     */
 	S_NR,
 };
 
@@ -185,7 +187,8 @@ struct conn_state {
 	__u8 resp_method;          /*   and the method of the request it answers  */
 	__u8 req_pushed;           /* the request whose body is being read is queued */
 	__u8 check_on;             /* 1: check check_idx by ACK; 2: the next one  */
-	__u8 pad[7];
+	__u8 pipelined;            /* a request was sent before the previous one's answer */
+	__u8 pad[6];
 };
 
 struct http_event {

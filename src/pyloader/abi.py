@@ -34,6 +34,7 @@ STATS = (
     "parse_failed", "retransmits", "gaps", "conn_map_full", "pending_map_full",
     "requests_evicted", "unanswered", "pending_pushed", "pending_popped", "header_too_long",
     "unsupported_framing", "resync_dropped", "early_responses", "chunked_bodies",
+    "connections_given_up",
 )
 # C enumerator name for each of STATS (checked against BTF)
 STAT_ENUMS = (
@@ -42,11 +43,13 @@ STAT_ENUMS = (
     "S_PARSE_FAILED", "S_RETRANSMIT", "S_GAP", "S_CONN_MAP_FULL", "S_PENDING_MAP_FULL",
     "S_REQ_EVICTED", "S_UNANSWERED", "S_PENDING_PUSHED", "S_PENDING_POPPED", "S_HEADER_TOO_LONG",
     "S_UNSUPPORTED_FRAMING", "S_RESYNC_DROPPED", "S_EARLY_RESPONSE", "S_CHUNKED",
+    "S_GIVEN_UP",
 )
 # counters that mean something was lost or not understood
 LOSS_STATS = ("ringbuf_full", "fifo_overflow", "overflow_responses", "unmatched_responses",
               "parse_failed", "gaps", "conn_map_full", "pending_map_full", "requests_evicted",
-              "header_too_long", "unsupported_framing", "resync_dropped", "early_responses")
+              "header_too_long", "unsupported_framing", "resync_dropped", "early_responses",
+              "connections_given_up")
 
 
 class EndpointKey(ctypes.Structure):
@@ -81,7 +84,8 @@ class ConnState(ctypes.Structure):
     _fields_ = [("req", StreamState), ("resp", StreamState), ("last_ns", u64),
                 ("resp_first_ns", u64), ("head", u32), ("tail", u32), ("overflow", u32),
                 ("check_idx", u32), ("check_seq", u32), ("resp_status", u16),
-                ("resp_method", u8), ("req_pushed", u8), ("check_on", u8), ("pad", u8 * 7)]
+                ("resp_method", u8), ("req_pushed", u8), ("check_on", u8), ("pipelined", u8),
+                ("pad", u8 * 6)]
 
 
 class HttpEvent(ctypes.Structure):

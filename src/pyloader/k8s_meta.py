@@ -27,8 +27,9 @@ hostNetwork pods share the node's IPs: as servers they are named by
 node-IP:containerPort; as clients they are indistinguishable from the host, so
 never named. Unknown ends get no fields: nothing is guessed.
 
-The API is never needed to trace: until the node's pods have been listed the
-map keeps what the flags gave (none: every server); during an outage the last
+The API is never needed to trace: until the node's pods and the slices have
+been listed the map keeps what the flags gave (none: every server), and is
+then the flags plus this node's endpoints; during an outage the last
 known state stays. Events are applied on the agent's thread (tick/process), so
 lookups and map writes need no locks.
 """

@@ -144,12 +144,13 @@ def test_http10_close_delimited_response(h):
     time.sleep(0.002)
     h.resp(c.resp(b"second part"))
     time.sleep(0.002)
+    before_fin = time.monotonic_ns()  # the clock of bpf_ktime_get_ns
     h.resp(c.resp(b"", flags=P.FIN | P.ACK))
     (ev,) = h.events()
     assert ev["status"] == 200 and ev["resp_body"] == len(b"first part second part")
     assert ev["flags"] & END == END
     # the last byte is the last data segment, not the later FIN
-    assert 2_000_000 <= ev["resp_last_ns"] - ev["resp_ns"] < 4_000_000
+    assert ev["resp_ns"] < ev["resp_last_ns"] < before_fin
 
 
 def test_midstream_start_skips_the_answer_to_an_unseen_request(h):
@@ -168,20 +169,33 @@ def test_midstream_start_skips_the_answer_to_an_unseen_request(h):
     assert h.stats()["early_responses"] == 1
 
 
-def test_response_gap_reports_pending_as_lost_and_never_mispairs(h):
+def test_response_gap_on_a_pipelining_connection_gives_it_up(h):
     c = P.Conn()
     h.req(c.req(P.get("/1") + P.get("/2") + P.get("/3")))
     h.resp(c.resp(P.response(200)))
     c.sseq += len(P.response(201))  # /2's answer lost from the capture
-    h.resp(c.resp(P.response(202)))  # /3's answer
+    h.resp(c.resp(P.response(202)))  # /3's answer: which request is it for? unknowable
     h.req(c.req(P.get("/4")))
     h.resp(c.resp(P.response(203)))
     evs = [(e["url"], e["status"], abi.REASONS[e["reason"]]) for e in h.events()]
-    assert evs[0] == (b"/1", 200, "")
-    assert (b"/2", 0, "lost") in evs and (b"/3", 0, "lost") in evs
-    assert evs[-1] == (b"/4", 203, "")
+    assert evs == [(b"/1", 200, ""), (b"/2", 0, "lost"), (b"/3", 0, "lost")]
     s = h.stats()
-    assert s["gaps"] == 1 and s["resync_dropped"] == 2
+    assert s["gaps"] == 1 and s["resync_dropped"] == 2 and s["connections_given_up"] == 1
+
+
+def test_response_gap_without_pipelining_resyncs(h):
+    c = P.Conn()
+    h.req(c.req(P.get("/1")))
+    h.resp(c.resp(P.response(200)))
+    h.req(c.req(P.get("/2")))
+    c.sseq += len(P.response(201))  # /2's answer lost from the capture
+    h.req(c.req(P.get("/3")))        # sent after /2's answer arrived
+    h.resp(c.resp(P.response(202)))  # /3's answer
+    # /3's ACK covers /2's answer: the answer was lost, /3 is not pipelined
+    evs = [(e["url"], e["status"], abi.REASONS[e["reason"]]) for e in h.events()]
+    assert evs == [(b"/1", 200, ""), (b"/2", 0, "lost"), (b"/3", 202, "")]
+    s = h.stats()
+    assert s["gaps"] >= 1 and s["resync_dropped"] == 1 and "connections_given_up" not in s
 
 
 def test_request_line_longer_than_a_segment(h):

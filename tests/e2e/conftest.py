@@ -43,7 +43,9 @@ class AgentProc:
         if not os.path.exists(self.log):
             return []
         with open(self.log, "rb") as f:
-            return [json.loads(l) for l in f.read().splitlines() if l.strip()]
+            data = f.read()
+        data = data[:data.rfind(b"\n") + 1]  # a line being written is not a line yet
+        return [json.loads(l) for l in data.splitlines() if l.strip()]
 
     def records(self) -> list[dict]:
         """Access-log records (lines without an "event" key)."""
