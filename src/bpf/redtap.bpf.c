@@ -62,7 +62,7 @@ struct {
 
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
-	__uint(max_entries, 4 * 1024 * 1024);
+	__uint(max_entries, 8 * 1024 * 1024); /* ~22k events of burst */
 } events SEC(".maps");
 
 struct {

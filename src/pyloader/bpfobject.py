@@ -169,6 +169,9 @@ class BpfObject:
             raise BpfError(2, f"finding map {name} in {self.path}")
         return ptr
 
+    def max_entries(self, name: str) -> int:
+        return lib().bpf_map__max_entries(self._map_ptr(name))
+
     def set_max_entries(self, name: str, n: int) -> None:
         ret = lib().bpf_map__set_max_entries(self._map_ptr(name), n)
         if ret < 0:
