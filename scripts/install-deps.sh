@@ -3,7 +3,8 @@
 # Idempotent: installs only what is missing. Needs root (or sudo).
 set -euo pipefail
 PKGS=(clang llvm libbpf-dev libbpf1 bpftool iproute2 iptables nginx-light wrk curl tshark
-      python3-venv make openssl tmux prometheus)
+      python3-venv make openssl tmux prometheus hey
+      podman runc debootstrap logrotate rsyslog util-linux)
 need=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")

@@ -29,6 +29,9 @@ class AgentConfig:
     ifaces: list[str] = field(default_factory=list)       # pod-side interfaces
     host_ifaces: list[str] = field(default_factory=list)  # host-side interfaces
     log_path: str | None = None
+    log_max_bytes: int = 0            # size rotation of the log (0: off; logrotate instead)
+    log_backups: int = 5              # rotated files kept with log_max_bytes
+    log_queue_lines: int = 65536      # lines waiting for the writer before drops (counted)
     bpf_object: str | None = None
     max_conns: int | None = None
     poll_ms: int = 50
@@ -63,7 +66,9 @@ class Agent:
         cfg = self.cfg
         self.tracer = Tracer.load(cfg.bpf_object, max_conns=cfg.max_conns)
         self.tracer.endpoints.set(cfg.endpoints or [WILDCARD])
-        self.accesslog = AccessLog(cfg.log_path)
+        self.accesslog = AccessLog(cfg.log_path, max_bytes=cfg.log_max_bytes,
+                                   backups=cfg.log_backups if cfg.log_max_bytes else 0,
+                                   queue_lines=cfg.log_queue_lines)
         self.builder = RecordBuilder()
         self.rb = RingBuffer(self.tracer.events_fd)
         self.attacher = TcAttacher(self.tracer.req.fd, self.tracer.resp.fd)
@@ -73,13 +78,14 @@ class Agent:
             self.attacher.attach(self.attacher.ifindex(name), name, "host")
         if cfg.attach == "bridge":
             self.attacher.attach(self.attacher.ifindex(cfg.bridge), cfg.bridge, "pod")
-        elif cfg.bridge and not cfg.ifaces and not cfg.host_ifaces:
+        elif cfg.bridge and not cfg.ifaces:  # --host-iface adds to the pods' veths
             self.attacher.ifindex(cfg.bridge)  # fail early if it does not exist
             self.follower = BridgeFollower(self.attacher, cfg.bridge).start()
             if self.attacher.bridge_ports(cfg.bridge) and not self.attacher.attached:
                 raise RedtapError(f"could not attach to any port of {cfg.bridge} (see the log)")
         self.processors = overridden(cfg.components, "process")
-        self.observers = [self.summary.add] + overridden(cfg.components, "observe")
+        self.observers = ([self.summary.add] if cfg.summary else []) + \
+            overridden(cfg.components, "observe")
         self.tickers = overridden(cfg.components, "tick")
         for c in cfg.components:
             c.start(self)
@@ -144,6 +150,7 @@ class Agent:
         for c in self.cfg.components:
             extra.update(c.counters())
         return {**extra,
+            "log": self.accesslog.counters(),
             "kernel": k,
             "agent": {"events": self.stats.events, "bad_events": self.stats.bad_events,
                       "idle_unanswered": self.stats.idle_unanswered,
@@ -160,6 +167,7 @@ class Agent:
         # handlers first: a signal during start still detaches and reports
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
+        signal.signal(signal.SIGHUP, self._on_hup)  # reopen the log (logrotate postrotate)
         try:
             self.start()
         except BaseException:
@@ -186,6 +194,10 @@ class Agent:
 
     def _on_signal(self, signum, _frame) -> None:
         self.stop_requested = True
+
+    def _on_hup(self, signum, _frame) -> None:
+        if getattr(self, "accesslog", None):
+            self.accesslog.reopen()
 
     def shutdown(self) -> None:
         """Detach (no new events), drain what is left, flush, report."""

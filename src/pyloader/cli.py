@@ -42,6 +42,14 @@ def _run_parser(sub) -> None:
     p.add_argument("--host-iface", action="append", default=[], metavar="NAME",
                    help="host-side interface for hostNetwork servers (repeatable)")
     p.add_argument("--log", default=None, metavar="PATH", help="access log file (default stdout)")
+    p.add_argument("--log-max-bytes", type=_size, default=0, metavar="SIZE",
+                   help="rotate the log at this size (e.g. 100M): PATH -> PATH.1 ... (default 0: "
+                        "never; the log is reopened after logrotate and on SIGHUP anyway)")
+    p.add_argument("--log-backups", type=int, default=5, metavar="N",
+                   help="rotated files kept with --log-max-bytes (default 5)")
+    p.add_argument("--log-queue", type=int, default=65536, metavar="LINES",
+                   help="lines waiting for the log writer before new ones are dropped (counted "
+                        "in the stats lines as log.dropped_lines; default 65536)")
     p.add_argument("--idle-timeout", type=float, default=60.0, metavar="SECONDS",
                    help="report a request unanswered after its connection is idle this long")
     p.add_argument("--stats-interval", type=float, default=60.0, metavar="SECONDS",
@@ -60,6 +68,12 @@ def _run_parser(sub) -> None:
     p.add_argument("--max-routes", type=int, default=100, metavar="N",
                    help="distinct routes per server before the rest fold into /{overflow} "
                         "(default 100)")
+    p.add_argument("--redact", action=argparse.BooleanOptionalAction, default=True,
+                   help="replace the query values of sensitive keys by REDACTED (default on; "
+                        "--no-redact logs URLs as sent)")
+    p.add_argument("--redact-keys", default=None, metavar="WORD,...",
+                   help="a query key is sensitive when it contains one of these words, any case "
+                        "(default token,password,secret,key,auth,signature,session)")
     k = p.add_argument_group("Kubernetes metadata (which endpoints to trace, names of both ends)")
     k.add_argument("--k8s", action=argparse.BooleanOptionalAction, default=None,
                    help="watch the Kubernetes API (default: on when --kubeconfig is given or "
@@ -72,6 +86,14 @@ def _run_parser(sub) -> None:
                    help="watch every pod of the cluster to name clients on other nodes "
                         "(default on; off: only this node's pods are named)")
     p.add_argument("-v", "--verbose", action="store_true")
+
+
+def _size(text: str) -> int:
+    from .logwriter import parse_size
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,6 +121,16 @@ def _k8s_components(args) -> list:
     return [K8sMeta(args.node_name, load_client(args.kubeconfig), all_pods=args.k8s_all_pods)]
 
 
+def _redact_components(args) -> list:
+    """Secrets in URLs (src/pyloader/redact.py): first, so that no later part
+    (routes, metrics, the log) ever sees them."""
+    if not args.redact:
+        return []
+    from .redact import DEFAULT_KEYS, Redactor, parse_keys
+    keys = DEFAULT_KEYS if args.redact_keys is None else parse_keys(args.redact_keys)
+    return [Redactor(keys)]
+
+
 def _red_components(args) -> list:
     """Route templates (always: the log gets http.route) and, with --metrics-addr,
     the Prometheus endpoint. Put them after components that add server.k8s.* names."""
@@ -117,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
                         stream=sys.stderr, format="redtap: %(message)s")
     try:
         if args.cmd == "run":
+            from .preflight import check as preflight
+            preflight()  # BTF, ring buffer, libbpf, capabilities: one clear message each
             from .agent import Agent, AgentConfig
             cfg = AgentConfig(
                 endpoints=[parse_endpoint(e) for e in args.endpoint],
@@ -125,6 +159,9 @@ def main(argv: list[str] | None = None) -> int:
                 max_conns=args.max_conns, poll_ms=args.poll_ms,
                 idle_timeout_s=args.idle_timeout, stats_interval_s=args.stats_interval,
                 summary=args.summary)
+            cfg.log_max_bytes, cfg.log_backups, cfg.log_queue_lines = (
+                args.log_max_bytes, args.log_backups, args.log_queue)
+            cfg.components += _redact_components(args)
             cfg.components += _k8s_components(args)
             cfg.components += _red_components(args)
             return Agent(cfg).run()
@@ -135,6 +172,9 @@ def main(argv: list[str] | None = None) -> int:
             return top_main(args)
     except RedtapError as e:
         print(f"redtap: {e}", file=sys.stderr)
+        if getattr(e, "errno", None) == 1:  # EPERM from bpf(): say what would help
+            from .preflight import EPERM_HINT
+            print(f"redtap: {EPERM_HINT}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
