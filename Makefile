@@ -13,7 +13,7 @@ BPF_SRC := $(wildcard src/bpf/*.c src/bpf/*.h)
 BPF_CFLAGS := -target bpf -g -O2 -Wall -Werror -D__TARGET_ARCH_x86 \
 	-I. -Isrc/bpf -mcpu=v3
 
-.PHONY: all bpf deps venv demo test test-unit test-bpf test-e2e bench clean
+.PHONY: all bpf deps venv demo demo-cluster test test-unit test-bpf test-e2e test-cluster test-container bench clean
 
 all: bpf
 
@@ -40,6 +40,15 @@ venv: deps
 demo: venv bpf
 	$(PY) -m pyloader.demo
 
+# Two nodes (Flannel VXLAN, Services, a hostNetwork server), one agent per node,
+# records of both merged; then the same traffic with --attach bridge, compared.
+demo-cluster: venv bpf
+	$(PY) -m pyloader.democluster
+
+# The cluster end-to-end tests alone (also part of `make test`).
+test-cluster: venv bpf
+	$(PY) -m pytest -q tests/e2e/test_cluster.py
+
 test: venv bpf
 	$(PY) -m pytest -q tests
 
@@ -51,6 +60,16 @@ test-bpf: venv bpf
 
 test-e2e: venv bpf
 	$(PY) -m pytest -q tests/e2e
+
+# The container image built and run with podman (minutes: debootstrap, apt, pip; cached
+# in /var/cache/redtap and podman's layers). `make test` skips it.
+test-container: venv bpf
+	REDTAP_CONTAINER_TEST=1 $(PY) -m pytest -q tests/e2e/test_container.py
+
+# Overhead of redtap under load (not part of `make test`; root, ~7 min):
+# results in bench/results/latest.{json,md}. BENCH_ARGS=--quick for a smoke run.
+bench: venv bpf
+	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(OUT) $(PKG_OBJ)
