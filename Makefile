@@ -13,7 +13,7 @@ BPF_SRC := $(wildcard src/bpf/*.c src/bpf/*.h)
 BPF_CFLAGS := -target bpf -g -O2 -Wall -Werror -D__TARGET_ARCH_x86 \
 	-I. -Isrc/bpf -mcpu=v3
 
-.PHONY: all bpf deps venv demo demo-cluster test test-unit test-bpf test-e2e test-cluster test-container bench clean
+.PHONY: all bpf deps venv demo demo-cluster test test-unit test-bpf test-e2e test-cluster test-container test-kernel61 bench clean
 
 all: bpf
 
@@ -65,6 +65,11 @@ test-e2e: venv bpf
 # in /var/cache/redtap and podman's layers). `make test` skips it.
 test-container: venv bpf
 	REDTAP_CONTAINER_TEST=1 $(PY) -m pytest -q tests/e2e/test_container.py
+
+# The BPF object loaded and the BPF tests run on Debian's 6.1 kernel, booted in
+# qemu (software emulation, ~4 min; the kernel package cached in build/kernel61).
+test-kernel61: venv bpf
+	bash tests/kernel61/run.sh
 
 # Overhead of redtap under load (not part of `make test`; root, ~7 min):
 # results in bench/results/latest.{json,md}. BENCH_ARGS=--quick for a smoke run.

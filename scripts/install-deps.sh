@@ -4,7 +4,8 @@
 set -euo pipefail
 PKGS=(clang llvm libbpf-dev libbpf1 bpftool iproute2 iptables nginx-light wrk curl tshark
       python3-venv make openssl tmux prometheus hey
-      podman runc debootstrap logrotate rsyslog util-linux)
+      podman runc debootstrap logrotate rsyslog util-linux
+      qemu-system-x86 busybox-static)  # the last two: make test-kernel61
 need=()
 for p in "${PKGS[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || need+=("$p")

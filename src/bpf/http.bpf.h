@@ -178,7 +178,9 @@ __noinline int scan_head(struct __sk_buff *skb, __u32 off, __u32 avail, struct h
 		}
 		if (n > SCAN_WINDOW)
 			n = SCAN_WINDOW;
-		if (n == 0 || bpf_skb_load_bytes(skb, off + wpos, cb.buf, n) < 0) {
+		/* sizes as ((n - 1) & mask) + 1: provably non-zero, also to 6.1's verifier */
+		if (n == 0 ||
+		    bpf_skb_load_bytes(skb, off + wpos, cb.buf, ((n - 1) & (SCAN_WINDOW - 1)) + 1) < 0) {
 			ret = SCAN_MORE;
 			break;
 		}

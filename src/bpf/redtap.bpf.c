@@ -386,7 +386,7 @@ static __always_inline __u32 message_start(struct __sk_buff *skb, struct stream_
 	__builtin_memset(sc->hdr, 0, sizeof(sc->hdr));
 	__builtin_memcpy(sc->hdr, st->partial, sizeof(st->partial));
 	if (n > 0)
-		bpf_skb_load_bytes(skb, a->payload_off + off, sc->hdr + plen, n);
+		bpf_skb_load_bytes(skb, a->payload_off + off, sc->hdr + plen, ((n - 1) & 15) + 1);
 	return plen;
 }
 
@@ -522,7 +522,8 @@ static __always_inline int parse_request(struct __sk_buff *skb, struct conn_stat
 		u->url_len = ulen;
 		useg = ulen - k;
 		if (k < 8 && useg > 0 && useg <= MAX_URL_LEN - k)
-			bpf_skb_load_bytes(skb, a->payload_off + off + u0, u->url + k, useg);
+			bpf_skb_load_bytes(skb, a->payload_off + off + u0, u->url + k,
+					   ((useg - 1) & 0xff) + 1);
 		rk->conn = a->key;
 		rk->seq = c->tail;
 		rk->pad = 0;
@@ -698,7 +699,7 @@ __noinline int walk_step(struct __sk_buff *skb, struct conn_state *c, struct wal
 		if (n > 16)
 			n = 16;
 		n &= 31;
-		if (!n || bpf_skb_load_bytes(skb, a->payload_off + off, sc->hdr, n) < 0)
+		if (!n || bpf_skb_load_bytes(skb, a->payload_off + off, sc->hdr, ((n - 1) & 15) + 1) < 0)
 			return 0;
 		r = chunk_size_line(st, sc->hdr, n, &used);
 		a->off = off + used;

@@ -24,8 +24,11 @@ _libc.vsnprintf.argtypes = [ctypes.c_char_p, ctypes.c_size_t, ctypes.c_char_p, c
 
 @PRINT_FN
 def _print_cb(level, fmt, va):  # pragma: no cover - called from C
+    if level >= 2:  # LIBBPF_DEBUG: not kept
+        return 0
     try:
-        buf = ctypes.create_string_buffer(8192)
+        # the verifier's log comes as one message: room for its end (the error)
+        buf = ctypes.create_string_buffer(1 << 20)
         _libc.vsnprintf(buf, len(buf), fmt, va)
         with _log_lock:
             _log_lines.append(buf.value.decode(errors="replace"))
