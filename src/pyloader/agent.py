@@ -41,6 +41,19 @@ class AgentConfig:
     components: list = field(default_factory=list)  # pyloader.component.Component
 
 
+def peak_rss_kb() -> int:
+    """Peak RSS of this process image (VmHWM). Not ru_maxrss: that survives
+    exec, so it would report the parent's size at fork (e.g. a big test runner)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
 class UserStats:
     """Counters kept by the agent itself."""
 
@@ -156,7 +169,7 @@ class Agent:
                       "idle_unanswered": self.stats.idle_unanswered,
                       "pending_requests": live,
                       "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
-                      "max_rss_kb": ru.ru_maxrss},
+                      "max_rss_kb": peak_rss_kb() or ru.ru_maxrss},
         }
 
     def log_counters(self, final: bool = False) -> None:
