@@ -19,6 +19,7 @@ import logging
 import select
 import socket
 import threading
+import time
 from dataclasses import dataclass, field
 
 from pyroute2 import IPRoute
@@ -34,6 +35,7 @@ HANDLE = 1
 NAME_PREFIX = "redtap:"
 ETH_P_ALL = 0x0003
 ENOENT, EEXIST, ENODEV, EINVAL = 2, 17, 19, 22
+RESCAN_S = 2.0  # BridgeFollower: full reconcile at least this often
 
 
 @dataclass
@@ -226,14 +228,21 @@ class BridgeFollower:
             mon.bind()
             self._ready.set()
             fd = mon.fileno()
+            last = time.monotonic()
             while not self._stop.is_set():
                 try:
                     r, _, _ = select.select([fd], [], [], 0.5)
                     if not r:
+                        # a safety net: an event lost to a full socket buffer
+                        # (ENOBUFS) must not leave a veth untraced for long
+                        if time.monotonic() - last > RESCAN_S:
+                            self.reconcile()
+                            last = time.monotonic()
                         continue
                     msgs = mon.get()
                     if any(m.get("event") in ("RTM_NEWLINK", "RTM_DELLINK") for m in msgs):
                         self.reconcile()
+                        last = time.monotonic()
                 except Exception as e:  # a netlink hiccup must not stop following
                     log.warning("following bridge %s: %s", self.bridge, e)
         finally:
