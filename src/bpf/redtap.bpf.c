@@ -218,7 +218,7 @@ __noinline int finish_response(struct conn_key *key, struct conn_state *c, __u64
  * an event is the time it was given up. */
 /* @reason_if: FLAGS_IF(reason, ifindex). A global function (verified once). */
 __noinline int flush_pending(struct conn_key *key, struct conn_state *c, __u64 reason_if,
-			     __u64 now)
+			     __u64 now, __u32 until)
 {
 	__u8 reason = reason_if >> 32;
 	__u32 ifindex = (__u32)reason_if, zero = 0;
@@ -233,7 +233,7 @@ __noinline int flush_pending(struct conn_key *key, struct conn_state *c, __u64 r
 	ea->ifindex = ifindex;
 	ea->reason = reason;
 	for (int i = 0; i < MAX_PIPELINE; i++) {
-		if (c->head == c->tail)
+		if (c->head == c->tail || c->head == until)
 			break;
 		emit(key, c->head, ea);
 		c->head++;
@@ -246,6 +246,15 @@ __noinline int flush_pending(struct conn_key *key, struct conn_state *c, __u64 r
 
 #define ST(c, a) ((a)->is_req ? &(c)->req : &(c)->resp)
 
+/* Requests queued so far will get no answer we can pair: the response
+ * side reports them (R_LOST) before it looks at its next segment. Only the
+ * response side pops the FIFO, so two CPUs never pop the same request. */
+static __always_inline void mark_lost(struct conn_state *c)
+{
+	c->lost_until = c->tail;
+	c->lost_pending = 1;
+}
+
 /* A stream lost track of message boundaries (gap, garbage, bad framing,
  * more messages in a segment than it follows).
  * A pipelining client: how many requests were missed, or which response
@@ -257,9 +266,11 @@ __noinline int flush_pending(struct conn_key *key, struct conn_state *c, __u64 r
  * reported (R_LOST). */
 static __always_inline void lost_sync(struct conn_state *c, struct walk_args *a)
 {
-	if (!a->is_req || c->pipelined) {
+	if (!a->is_req) {
 		finish_response(&a->key, c, FLAGS_IF(0, a->ifindex), 0);
-		flush_pending(&a->key, c, FLAGS_IF(R_LOST, a->ifindex), a->now);
+		flush_pending(&a->key, c, FLAGS_IF(R_LOST, a->ifindex), a->now, c->tail);
+	} else if (c->pipelined) {
+		mark_lost(c); /* the response side reports them: it alone pops */
 	}
 	if (c->pipelined) {
 		c->req.mode = SM_TUNNEL;
@@ -490,8 +501,7 @@ static __always_inline int parse_request(struct __sk_buff *skb, struct conn_stat
 		 * received response bytes we have not seen, answers were lost. */
 		if (c->resp.seq_valid && (__s32)(a->ack - c->resp.next_seq) > 0) {
 			stat_inc(S_GAP);
-			finish_response(&a->key, c, FLAGS_IF(0, a->ifindex), 0);
-			flush_pending(&a->key, c, FLAGS_IF(R_LOST, a->ifindex), a->now);
+			mark_lost(c);
 			c->resp.mode = SM_UNSYNC;
 			c->resp.next_seq = a->ack; /* received by the client, unseen by us */
 			c->check_on = 2;
@@ -804,7 +814,7 @@ static __always_inline int handle(struct __sk_buff *skb, int is_req)
 	if (pp->tcp_flags & TCPF_RST) {
 		if (c) {
 			finish_response(&a->key, c, FLAGS_IF(0, ifindex), 0);
-			flush_pending(&a->key, c, FLAGS_IF(R_RESET, ifindex), now);
+			flush_pending(&a->key, c, FLAGS_IF(R_RESET, ifindex), now, c->tail);
 			bpf_map_delete_elem(&conns, &a->key);
 		}
 		return TC_ACT_UNSPEC_;
@@ -849,6 +859,11 @@ static __always_inline int handle(struct __sk_buff *skb, int is_req)
 		goto no_conn;
 
 	stat_inc(S_TRACED_SEGMENTS);
+	if (!is_req && c->lost_pending) { /* marked by the request side */
+		c->lost_pending = 0;
+		finish_response(&a->key, c, FLAGS_IF(0, ifindex), 0);
+		flush_pending(&a->key, c, FLAGS_IF(R_LOST, ifindex), now, c->lost_until);
+	}
 	if (pp->payload_len) {
 		struct stream_state *st = is_req ? &c->req : &c->resp;
 		int lost, m, start = seg_start(st, pp->seq, pp->payload_len, &lost);
@@ -890,7 +905,7 @@ static __always_inline int handle(struct __sk_buff *skb, int is_req)
 					c->resp.last_data_ns);
 		else
 			finish_response(&a->key, c, FLAGS_IF(0, ifindex), 0);
-		flush_pending(&a->key, c, FLAGS_IF(R_SERVER_FIN, ifindex), now);
+		flush_pending(&a->key, c, FLAGS_IF(R_SERVER_FIN, ifindex), now, c->tail);
 		bpf_map_delete_elem(&conns, &a->key);
 	}
 	return TC_ACT_UNSPEC_;

@@ -188,7 +188,9 @@ struct conn_state {
 	__u8 req_pushed;           /* the request whose body is being read is queued */
 	__u8 check_on;             /* 1: check check_idx by ACK; 2: the next one  */
 	__u8 pipelined;            /* a request was sent before the previous one's answer */
-	__u8 pad[6];
+	__u8 lost_pending;         /* requests before lost_until: answers lost, to report */
+	__u8 pad;
+	__u32 lost_until;          /*   (by the response side: the only one that pops)   */
 };
 
 struct http_event {

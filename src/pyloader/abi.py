@@ -85,7 +85,7 @@ class ConnState(ctypes.Structure):
                 ("resp_first_ns", u64), ("head", u32), ("tail", u32), ("overflow", u32),
                 ("check_idx", u32), ("check_seq", u32), ("resp_status", u16),
                 ("resp_method", u8), ("req_pushed", u8), ("check_on", u8), ("pipelined", u8),
-                ("pad", u8 * 6)]
+                ("lost_pending", u8), ("pad", u8), ("lost_until", u32)]
 
 
 class HttpEvent(ctypes.Structure):
