@@ -60,7 +60,7 @@ def _filter_name(msg) -> str | None:
 class TcAttacher:
     """Adds and removes redtap's filters; thread-safe."""
 
-    def __init__(self, req_fd: int, resp_fd: int, netns: str | None = None):
+    def __init__(self, req_fd: int, resp_fd: int):
         self.req_fd, self.resp_fd = req_fd, resp_fd
         self.ipr = IPRoute()
         self.lock = threading.RLock()

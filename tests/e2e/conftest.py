@@ -100,6 +100,13 @@ def client_lines(cp) -> list[dict]:
     return [json.loads(l) for l in cp.stdout.splitlines() if l.strip()]
 
 
+@pytest.fixture
+def fresh(agent):
+    """The module's `agent`, its new_records() counting from now."""
+    agent.mark()
+    return agent
+
+
 @pytest.fixture(scope="module")
 def node():
     if os.geteuid() != 0:

@@ -147,11 +147,6 @@ def agent(node, api):
     assert a.stop() == 0, a.stderr()
 
 
-@pytest.fixture
-def fresh(agent):
-    agent.mark()
-    return agent
-
 
 class TestMetadataRun:
     """One agent driven only by the API, through churn and outages."""

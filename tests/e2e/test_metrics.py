@@ -40,11 +40,6 @@ def agent(node):
     assert a.stop() == 0, a.stderr()
 
 
-@pytest.fixture
-def fresh(agent):
-    agent.mark()
-    return agent
-
 
 def scrape(node, *curl_args: str) -> str:
     cp = node.ns_exec(node.node_ns, "curl", "-sS", "--noproxy", "*", "-m", "10", "--fail",

@@ -27,11 +27,6 @@ def agent(node):
     assert a.stop() == 0, a.stderr()
 
 
-@pytest.fixture
-def fresh(agent):
-    agent.mark()
-    return agent
-
 
 def check_against_tshark(cap: Capture, records: list[dict], name: str) -> dict:
     cap.save(name)

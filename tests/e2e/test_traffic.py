@@ -26,11 +26,6 @@ def agent(node):
     assert a.stop() == 0, a.stderr()
 
 
-@pytest.fixture
-def fresh(agent):
-    agent.mark()
-    return agent
-
 
 def summary(recs):
     return [(r["http.request.method"], r["url.path"], r.get("http.response.status_code"))
