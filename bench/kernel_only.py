@@ -50,7 +50,7 @@ def main() -> int:
     rb = None
     try:
         tracer.endpoints.set([parse_endpoint(e) for e in args.endpoint])
-        attacher = TcAttacher(tracer.req.fd, tracer.resp.fd)
+        attacher = TcAttacher(tracer.prog_fds())
         ports = ({attacher.ifindex(n): n for n in args.iface} if args.iface
                  else attacher.bridge_ports(args.bridge))
         for idx, name in sorted(ports.items()):

@@ -26,25 +26,41 @@ class Harness:
         self.t = tracer
         self.rb = RingBuffer(tracer.events_fd)
 
-    def reset(self, endpoints=("198.18.0.10:80",)):
+    def reset(self, endpoints=("198.18.0.10:80",), host_addrs=()):
+        """Empty maps and counters; trace @endpoints, of which those at one of
+        @host_addrs are the host stack's (EP_HOST)."""
         for name in ("conns", "pending", "endpoints"):
             _clear(self.t.obj.map(name))
         zero = bytes(self.t.stats_map.slot * self.t.stats_map.ncpus)
         for i in range(len(abi.STATS)):
             self.t.stats_map.update(i.to_bytes(4, "little"), zero)
-        self.t.endpoints.current = set()
-        self.t.endpoints.set(parse_endpoint(e) for e in endpoints)
+        self.t.endpoints.current = {}
+        host = {parse_endpoint(a).network.network_address for a in host_addrs}
+        self.t.endpoints.host_addrs = lambda: host
+        self.t.endpoints.set([parse_endpoint(e) for e in endpoints])
         self.rb.consume()
 
-    def req(self, frame: bytes) -> int:
-        ret, out, _ = self.t.req.test_run(frame)
+    @staticmethod
+    def run(prog, frame: bytes) -> int:
+        ret, out, _ = prog.test_run(frame)
         assert out == frame, "the program changed the packet"
         return ret
 
+    def req(self, frame: bytes) -> int:
+        """Through redtap_req (where packets go to servers)."""
+        return self.run(self.t.req, frame)
+
     def resp(self, frame: bytes) -> int:
-        ret, out, _ = self.t.resp.test_run(frame)
-        assert out == frame, "the program changed the packet"
-        return ret
+        """Through redtap_resp (where packets come from servers)."""
+        return self.run(self.t.resp, frame)
+
+    def pod_egress(self, frame: bytes) -> int:
+        """Through redtap_pod_req (a pod veth's egress: toward the pod)."""
+        return self.run(self.t.pod_req, frame)
+
+    def pod_ingress(self, frame: bytes) -> int:
+        """Through redtap_pod_resp (a pod veth's ingress: from the pod)."""
+        return self.run(self.t.pod_resp, frame)
 
     def events(self) -> list[dict]:
         out = []

@@ -7,8 +7,19 @@
  *   redtap_resp parses responses (server -> client): attach where packets
  *               come FROM local servers (ingress of a pod's host-side veth).
  * So each request to a local server is seen exactly once, wherever the
- * client is. Both always return TC_ACT_UNSPEC: packets are never changed
- * or dropped, and the next filter on the hook still runs.
+ * client is.
+ *
+ * On pod-side hooks (a pod's veth, the bridge) the attacher uses their
+ * variants redtap_pod_req / redtap_pod_resp, which also catch a pod's own
+ * request to a server of the node's host stack (a hostNetwork pod, an
+ * endpoint flagged EP_HOST): it goes from the pod's veth (ingress) straight
+ * into local input, crossing no hook that parses requests, and its response
+ * comes back on the pod's veth (egress). They take such packets the other way
+ * round. This costs a second endpoint lookup on pod-side hooks, only while
+ * EP_HOST entries exist (settings.host_endpoints).
+ *
+ * All always return TC_ACT_UNSPEC: packets are never changed or dropped,
+ * and the next filter on the hook still runs.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
@@ -37,6 +48,8 @@ enum stat_idx abi_stat_idx __attribute__((unused));
 enum http_method abi_http_method __attribute__((unused));
 enum unanswered_reason abi_reason __attribute__((unused));
 enum stream_mode abi_stream_mode __attribute__((unused));
+enum endpoint_flags abi_endpoint_flags __attribute__((unused));
+struct settings *abi_settings __attribute__((unused));
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -45,6 +58,13 @@ struct {
 	__type(value, __u8);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct settings);
+} settings SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -766,9 +786,37 @@ __noinline int walk_step(struct __sk_buff *skb, struct conn_state *c, struct wal
 	return 1;
 }
 
-static __always_inline int handle(struct __sk_buff *skb, int is_req)
+/* Is the packet one of a traced server's? Sets *is_req to which side it is. */
+static __always_inline int traced(struct scratch *sc, struct pkt *pp, int *is_req, int pod_side)
 {
-	struct endpoint_key *ek;
+	struct endpoint_key *ek = &sc->ek;
+	struct settings *set;
+	__u32 zero = 0;
+	__u8 *ep, *rev;
+
+	/* the server end: destination of requests, source of responses */
+	ek->prefixlen = 144;
+	__builtin_memcpy(ek->addr, *is_req ? pp->dst : pp->src, 16);
+	ek->port = bpf_htons(*is_req ? pp->dport : pp->sport);
+	ep = bpf_map_lookup_elem(&endpoints, ek);
+	if (!pod_side || (ep && (*ep & EP_PORT)))
+		return ep != 0;
+	set = bpf_map_lookup_elem(&settings, &zero);
+	if (!set || !set->host_endpoints)
+		return ep != 0;
+	/* a pod talking to a server of the node's host stack? */
+	__builtin_memcpy(ek->addr, *is_req ? pp->src : pp->dst, 16);
+	ek->port = bpf_htons(*is_req ? pp->sport : pp->dport);
+	rev = bpf_map_lookup_elem(&endpoints, ek);
+	if (rev && (*rev & EP_HOST)) {
+		*is_req = !*is_req;
+		return 1;
+	}
+	return ep != 0;
+}
+
+static __always_inline int handle(struct __sk_buff *skb, int is_req, int pod_side)
+{
 	struct conn_state *c;
 	struct scratch *sc;
 	struct walk_args *a;
@@ -787,12 +835,7 @@ static __always_inline int handle(struct __sk_buff *skb, int is_req)
 	if (pp->payload_len == 0 && !(pp->tcp_flags & (TCPF_FIN | TCPF_RST)))
 		return TC_ACT_UNSPEC_; /* pure ACK / SYN: nothing to parse */
 
-	/* the server end: destination of requests, source of responses */
-	ek = &sc->ek;
-	ek->prefixlen = 144;
-	__builtin_memcpy(ek->addr, is_req ? pp->dst : pp->src, 16);
-	ek->port = bpf_htons(is_req ? pp->dport : pp->sport);
-	if (!bpf_map_lookup_elem(&endpoints, ek))
+	if (!traced(sc, pp, &is_req, pod_side))
 		return TC_ACT_UNSPEC_;
 
 	a = &sc->wa;
@@ -924,11 +967,23 @@ no_conn:
 SEC("tc")
 int redtap_req(struct __sk_buff *skb)
 {
-	return handle(skb, 1);
+	return handle(skb, 1, 0);
 }
 
 SEC("tc")
 int redtap_resp(struct __sk_buff *skb)
 {
-	return handle(skb, 0);
+	return handle(skb, 0, 0);
+}
+
+SEC("tc")
+int redtap_pod_req(struct __sk_buff *skb)
+{
+	return handle(skb, 1, 1);
+}
+
+SEC("tc")
+int redtap_pod_resp(struct __sk_buff *skb)
+{
+	return handle(skb, 0, 1);
 }

@@ -97,6 +97,22 @@ struct endpoint_key {
 	__u16 port;
 } __attribute__((packed));
 
+/* Endpoint map values: flags written by user space. */
+enum endpoint_flags {
+	EP_TRACED = 1, /* every entry                                       */
+	EP_PORT   = 2, /* the entry names a port: an exact server match      */
+	EP_HOST   = 4, /* the address is the node's own: a server of the host
+			* stack (hostNetwork), reached by pods through their veth
+			* the other way round (see redtap.bpf.c)              */
+};
+
+/* Settings written by user space: array map, one entry. */
+struct settings {
+	__u32 host_endpoints; /* entries with EP_HOST (0: pod-side hooks skip
+			       * the second lookup)                            */
+	__u32 pad;
+};
+
 /* Connection key: the TCP 4-tuple, always client -> server. */
 struct conn_key {
 	__u8 caddr[16];  /* client address (v4-mapped for IPv4) */

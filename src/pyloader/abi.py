@@ -57,6 +57,14 @@ class EndpointKey(ctypes.Structure):
     _fields_ = [("prefixlen", u32), ("addr", u8 * 16), ("port", u16)]
 
 
+# enum endpoint_flags: the endpoint map's values
+EP_TRACED, EP_PORT, EP_HOST = 1, 2, 4
+
+
+class Settings(ctypes.Structure):
+    _fields_ = [("host_endpoints", u32), ("pad", u32)]
+
+
 class ConnKey(ctypes.Structure):
     _fields_ = [("caddr", u8 * 16), ("saddr", u8 * 16), ("cport", u16), ("sport", u16),
                 ("pad", u32)]

@@ -12,7 +12,7 @@ from . import abi
 from .accesslog import AccessLog, RecordBuilder
 from .attach import BridgeFollower, TcAttacher
 from .component import overridden
-from .endpoints import WILDCARD, Endpoint
+from .endpoints import WILDCARD, Endpoint, host_addresses
 from .errors import RedtapError
 from .ringbuf import RingBuffer
 from .summary import RedSummary
@@ -32,6 +32,7 @@ class AgentConfig:
     log_max_bytes: int = 0            # size rotation of the log (0: off; logrotate instead)
     log_backups: int = 5              # rotated files kept with log_max_bytes
     log_queue_lines: int = 65536      # lines waiting for the writer before drops (counted)
+    max_batch: int = 4096             # ring buffer records handled per round at most
     bpf_object: str | None = None
     max_conns: int | None = None
     poll_ms: int = 50
@@ -78,13 +79,14 @@ class Agent:
     def start(self) -> None:
         cfg = self.cfg
         self.tracer = Tracer.load(cfg.bpf_object, max_conns=cfg.max_conns)
+        self.tracer.endpoints.host_addrs = host_addresses
         self.tracer.endpoints.set(cfg.endpoints or [WILDCARD])
         self.accesslog = AccessLog(cfg.log_path, max_bytes=cfg.log_max_bytes,
                                    backups=cfg.log_backups if cfg.log_max_bytes else 0,
                                    queue_lines=cfg.log_queue_lines)
         self.builder = RecordBuilder()
-        self.rb = RingBuffer(self.tracer.events_fd)
-        self.attacher = TcAttacher(self.tracer.req.fd, self.tracer.resp.fd)
+        self.rb = RingBuffer(self.tracer.events_fd, max_batch=cfg.max_batch)
+        self.attacher = TcAttacher(self.tracer.prog_fds())
         for name in cfg.ifaces:
             self.attacher.attach(self.attacher.ifindex(name), name, "pod")
         for name in cfg.host_ifaces:
@@ -103,6 +105,7 @@ class Agent:
         for c in cfg.components:
             c.start(self)
         self.accesslog.event("redtap.start", endpoints=[str(e) for e in cfg.endpoints] or ["*"],
+                             host_endpoints=[str(e) for e in self.tracer.endpoints.host_endpoints],
                              interfaces=sorted(a.ifname for a in self.attacher.attached.values()))
         self.accesslog.flush()
 
@@ -222,7 +225,8 @@ class Agent:
             self.attacher = None
         if self.tracer:
             if getattr(self, "rb", None) and getattr(self, "accesslog", None):
-                self.handle_batch(self.rb.consume())
+                for batch in self.rb.drain():
+                    self.handle_batch(batch)
                 for c in self.cfg.components:
                     try:
                         c.stop()

@@ -60,8 +60,9 @@ def _filter_name(msg) -> str | None:
 class TcAttacher:
     """Adds and removes redtap's filters; thread-safe."""
 
-    def __init__(self, req_fd: int, resp_fd: int):
-        self.req_fd, self.resp_fd = req_fd, resp_fd
+    def __init__(self, progs: dict[str, tuple[int, int]]):
+        """@progs: mode ("pod", "host") -> (requests fd, responses fd)."""
+        self.progs = progs
         self.ipr = IPRoute()
         self.lock = threading.RLock()
         self.attached: dict[int, Attachment] = {}
@@ -128,10 +129,11 @@ class TcAttacher:
                     self._del_filter(ifindex, parent, prio, proto, handle)
                 if stale and not self._other_filters(ifindex):
                     created = True  # only a killed run of ours used it: ours to remove
+                req_fd, resp_fd = self.progs[mode]
                 if mode == "pod":
-                    plan = ((EGRESS, self.req_fd, "req"), (INGRESS, self.resp_fd, "resp"))
+                    plan = ((EGRESS, req_fd, "req"), (INGRESS, resp_fd, "resp"))
                 else:
-                    plan = ((INGRESS, self.req_fd, "req"), (EGRESS, self.resp_fd, "resp"))
+                    plan = ((INGRESS, req_fd, "req"), (EGRESS, resp_fd, "resp"))
                 att = Attachment(ifindex, ifname, mode, created)
                 self.attached[ifindex] = att
                 for parent, fd, what in plan:

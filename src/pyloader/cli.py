@@ -55,6 +55,9 @@ def _run_parser(sub) -> None:
     p.add_argument("--stats-interval", type=float, default=60.0, metavar="SECONDS",
                    help="log the loss/anomaly counters this often (and at exit)")
     p.add_argument("--poll-ms", type=int, default=50, help="ring buffer poll interval")
+    p.add_argument("--max-batch", type=int, default=4096, metavar="N",
+                   help="ring buffer records handled per round at most, to bound the memory "
+                        "of a round when the agent falls behind (0: all there are; default 4096)")
     p.add_argument("--max-conns", type=int, default=None,
                    help="tracked connections (default 65536)")
     p.add_argument("--bpf-object", default=None, help="BPF object to load (default: the package's)")
@@ -161,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                 summary=args.summary)
             cfg.log_max_bytes, cfg.log_backups, cfg.log_queue_lines = (
                 args.log_max_bytes, args.log_backups, args.log_queue)
+            cfg.max_batch = args.max_batch
             cfg.components += _redact_components(args)
             cfg.components += _k8s_components(args)
             cfg.components += _red_components(args)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from . import abi
 from .abi import EndpointKey
 from .errors import ConfigError
 
@@ -93,23 +94,52 @@ def parse_endpoint(text: str) -> Endpoint:
         raise ConfigError(f"bad endpoint {text!r}: {e}") from None
 
 
-class EndpointTable:
-    """The kernel's endpoint map, kept equal to a set of Endpoints."""
+def host_addresses() -> set[ipaddress.IPv6Address]:
+    """The addresses of this network namespace's interfaces (v4-mapped)."""
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        return {_mapped(ipaddress.ip_address(m.get_attr("IFA_ADDRESS")))
+                for m in ipr.get_addr() if m.get_attr("IFA_ADDRESS")}
 
-    def __init__(self, bpf_map):
-        self.map = bpf_map
-        self.current: set[Endpoint] = set()
+
+class EndpointTable:
+    """The kernel's endpoint map, kept equal to a set of Endpoints.
+
+    Each entry's value is a set of flags (enum endpoint_flags): EP_PORT when
+    it names a port, EP_HOST when its address is one of @host_addrs (the
+    node's own: a hostNetwork server, which pods reach through their veth the
+    other way round). The settings map counts the EP_HOST entries."""
+
+    def __init__(self, bpf_map, settings_map=None, host_addrs=lambda: set()):
+        self.map, self.settings = bpf_map, settings_map
+        self.host_addrs = host_addrs  # () -> set of v4-mapped IPv6Address
+        self.current: dict[Endpoint, int] = {}
+
+    def flags(self, ep: Endpoint, host: set) -> int:
+        f = abi.EP_TRACED | (abi.EP_PORT if ep.port is not None else 0)
+        if ep.network.prefixlen == 128 and ep.network.network_address in host:
+            f |= abi.EP_HOST
+        return f
+
+    @property
+    def host_endpoints(self) -> list[Endpoint]:
+        return sorted((ep for ep, f in self.current.items() if f & abi.EP_HOST), key=str)
 
     def set(self, endpoints) -> None:
-        want = set(endpoints)
-        for ep in want - self.current:
-            self.map.update(ep.key(), b"\x01")
-        for ep in self.current - want:
+        host = self.host_addrs() if endpoints else set()
+        want = {ep: self.flags(ep, host) for ep in endpoints}
+        for ep, f in want.items():
+            if self.current.get(ep) != f:
+                self.map.update(ep.key(), bytes([f]))
+        for ep in self.current.keys() - want.keys():
             self.map.delete(ep.key())
         self.current = want
+        if self.settings is not None:
+            n = sum(1 for f in want.values() if f & abi.EP_HOST)
+            self.settings.update((0).to_bytes(4, "little"), bytes(abi.Settings(host_endpoints=n)))
 
     def add(self, ep: Endpoint) -> None:
-        self.set(self.current | {ep})
+        self.set(self.current.keys() | {ep})
 
     def remove(self, ep: Endpoint) -> None:
-        self.set(self.current - {ep})
+        self.set(self.current.keys() - {ep})

@@ -122,7 +122,8 @@ class K8sMeta(Component):
         if texts != self.logged:
             self.logged = texts
             self.accesslog.event("redtap.endpoints", source="k8s", node=self.state.node,
-                                 endpoints=sorted(str(e) for e in self.table.current))
+                                 endpoints=sorted(str(e) for e in self.table.current),
+                                 host_endpoints=[str(e) for e in self.table.host_endpoints])
             self.accesslog.flush()
 
     def workload(self, p: PodInfo) -> tuple | None:

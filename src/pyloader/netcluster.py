@@ -114,7 +114,6 @@ class Scenario:
     client: str                    # a pod ("client-0") or a node's host ("node-0")
     target: str                    # a pod's server ("web-1") or a Service ("svc/web")
     requests: int = 4
-    gap: str = ""                  # why redtap does not record these (a known gap)
 
 
 def default_scenarios() -> list[Scenario]:
@@ -131,8 +130,7 @@ def default_scenarios() -> list[Scenario]:
             S("host to ClusterIP, endpoint on another node", "node-1", "svc/api"),
             S("host to ClusterIP, endpoints on both nodes", "node-1", "svc/web"),
             S("hostNetwork server from a pod on another node", "client-0", "metrics-1"),
-            S("hostNetwork server from a pod on its node", "client-1", "metrics-1",
-              gap="a pod's request to its own node's address crosses no hook that parses it"),
+            S("hostNetwork server from a pod on its node", "client-1", "metrics-1"),
             S("hostNetwork server from its own host", "node-1", "metrics-1"),
             S("hostNetwork server from another host", "node-0", "metrics-1")]
 
@@ -350,7 +348,8 @@ class Cluster(Node):
     def agent_args(self, node: ClusterNode, kubeconfig: str, attach: str = "veths") -> list[str]:
         """`redtap run` arguments for @node's agent: its name, the API, and for a node
         with hostNetwork servers its host interfaces (eth0: other nodes; lo: itself).
-        (A pod's request to its own node's address crosses neither: not traced.)"""
+        (A pod's request to its own node's address crosses neither: the pod-side
+        programs on its veth take it.)"""
         args = ["--kubeconfig", kubeconfig, "--node-name", node.name, "--attach", attach]
         if any(p.spec.host_network for p in node.pods):
             args += ["--host-iface", "eth0", "--host-iface", "lo"]

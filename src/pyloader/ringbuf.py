@@ -12,14 +12,23 @@ from ._libbpf import RING_BUFFER_SAMPLE_FN, lib, last_errno
 from .errors import BpfError
 
 
+# what the callback returns to end a round when the batch is full: libbpf
+# stops there (that record is consumed and kept) and returns this value
+BATCH_FULL = -1000
+
+
 class RingBuffer:
-    def __init__(self, map_fd: int):
+    def __init__(self, map_fd: int, max_batch: int = 0):
+        """max_batch: records per poll()/consume() at most (0: all there are).
+        A bound keeps the memory of one batch (records, records, lines) small
+        when the consumer falls behind a full ring."""
         self._batch: list[bytes] = []
         batch, string_at = self._batch, ctypes.string_at
+        limit = max_batch or (1 << 62)
 
         def _sample(_ctx, data, size):
             batch.append(string_at(data, size))
-            return 0
+            return BATCH_FULL if len(batch) >= limit else 0
 
         # keep the CFUNCTYPE object alive as long as the ring buffer
         self._cb = RING_BUFFER_SAMPLE_FN(_sample)
@@ -32,16 +41,26 @@ class RingBuffer:
         The kernel side wakes us only for a large batch (BPF_RB_NO_WAKEUP
         otherwise), so records are also consumed when the wait times out."""
         ret = lib().ring_buffer__poll(self._rb, timeout_ms)
+        if ret == BATCH_FULL:
+            return self._take()
         if ret < 0 and last_errno(ret) != 4:  # EINTR: a signal, just return
             raise BpfError(last_errno(ret), "polling the ring buffer")
         return self.consume()
 
     def consume(self) -> list[bytes]:
-        """Return every record available now, without waiting."""
+        """Return the records available now (at most max_batch), without waiting."""
         ret = lib().ring_buffer__consume(self._rb)
-        if ret < 0:
+        if ret < 0 and ret != BATCH_FULL:
             raise BpfError(last_errno(ret), "consuming the ring buffer")
         return self._take()
+
+    def drain(self):
+        """Every record available now, batch by batch."""
+        while True:
+            batch = self.consume()
+            if not batch:
+                return
+            yield batch
 
     def epoll_fd(self) -> int:
         return lib().ring_buffer__epoll_fd(self._rb)

@@ -22,12 +22,15 @@ def find_object(explicit: str | None = None) -> str:
 
 class Tracer:
     REQ_PROG, RESP_PROG = "redtap_req", "redtap_resp"
+    POD_REQ_PROG, POD_RESP_PROG = "redtap_pod_req", "redtap_pod_resp"
 
     def __init__(self, obj: BpfObject):
         self.obj = obj
         self.req = obj.program(self.REQ_PROG)
         self.resp = obj.program(self.RESP_PROG)
-        self.endpoints = EndpointTable(obj.map("endpoints"))
+        self.pod_req = obj.program(self.POD_REQ_PROG)
+        self.pod_resp = obj.program(self.POD_RESP_PROG)
+        self.endpoints = EndpointTable(obj.map("endpoints"), obj.map("settings"))
         self.conns = obj.map("conns")
         self.requests = obj.map("pending")
         self.stats_map = obj.map("stats")
@@ -53,6 +56,10 @@ class Tracer:
         except BaseException:
             obj.close()
             raise
+
+    def prog_fds(self) -> dict[str, tuple[int, int]]:
+        """(requests, responses) program fds per attach mode (TcAttacher)."""
+        return {"host": (self.req.fd, self.resp.fd), "pod": (self.pod_req.fd, self.pod_resp.fd)}
 
     def stats(self) -> dict[str, int]:
         """Kernel counters, summed over CPUs."""

@@ -31,9 +31,6 @@ def sid(sc) -> str:
 
 
 REQUESTED: dict[str, list[str]] = {}  # scenario -> paths requested while the veths agents ran
-# Scenario.gap: a pod's request to its own node's address (pod veth -> cni0 -> local
-# input) crosses no hook that parses requests; README "Cluster simulation".
-GAP = {sid(s): s.gap for s in SCENARIOS if s.gap}
 # --attach bridge: requests of each scenario (4 each) that the bridge's hook sees.
 # It sees what crosses the host stack; frames bridged between two ports of cni0
 # never reach it: same-node pod to pod, also through a ClusterIP (br_netfilter
@@ -43,7 +40,7 @@ BRIDGE_SEES = {
     "client-0->svc/api": 0, "client-1->svc/api": 4,
     "client-0->svc/web": 2,  # the half DNATed to web-1 on the other node
     "node-0->web-0": 4, "node-0->web-1": 4, "node-1->svc/api": 4, "node-1->svc/web": 4,
-    "client-0->metrics-1": 4, "client-1->metrics-1": 0, "node-1->metrics-1": 4,
+    "client-0->metrics-1": 4, "client-1->metrics-1": 4, "node-1->metrics-1": 4,
     "node-0->metrics-1": 4,
 }
 
@@ -214,8 +211,7 @@ def test_cross_node_traffic_is_vxlan_on_the_underlay(cluster):
 
 # -- every path a request takes, with --attach veths (the default) ---------------------
 class TestEveryRequestOnce:
-    @pytest.mark.parametrize("sc", [pytest.param(s, id=sid(s), marks=[pytest.mark.xfail(
-        strict=True, reason=GAP[sid(s)])] if sid(s) in GAP else []) for s in SCENARIOS])
+    @pytest.mark.parametrize("sc", SCENARIOS, ids=sid)
     def test_recorded_once_by_the_servers_node_with_names(self, cluster, veths, sc):
         for a in veths:
             a.mark()
@@ -238,7 +234,7 @@ class TestEveryRequestOnce:
 
     def test_the_union_of_the_logs_holds_each_request_once(self, cluster, veths):
         recs = [(a.knode.name, r) for a in veths for r in a.records()]
-        want = [p for s, paths in REQUESTED.items() if s not in GAP for p in paths]
+        want = [p for paths in REQUESTED.values() for p in paths]
         assert want and collections.Counter(key(r) for _, r in recs) == collections.Counter(want)
         for a in veths:
             k = fresh_counters(a)["kernel"]
@@ -277,7 +273,7 @@ class TestAttachBridge:
         got = collect(bridge, sum(BRIDGE_SEES.values()), settle=1.0)
         per = {s: sum(1 for _, r in got if key(r) in paths) for s, paths in seen.items()}
         assert per == BRIDGE_SEES
-        assert (len(got), sum(s.requests for s in SCENARIOS)) == (42, 56)
+        assert (len(got), sum(s.requests for s in SCENARIOS)) == (46, 56)
         assert all(r["http.response.status_code"] == 200 for _, r in got)
         for a in bridge:  # the missing ones were not even half seen
             k = fresh_counters(a)

@@ -199,8 +199,9 @@ def test_50k_pending_connections_evicted_and_counted(flood_node):
                                    client_ip(node, i)))
             sent = [f.wait_for("sent", timeout=120) for f in floods]
             assert sum(s["sent"] for s in sent) == n and not any(s["failed"] for s in sent), sent
-            peak = wait_fresh(agent)  # every request is through the veth by now
-            assert peak["kernel"]["requests"] >= n, peak["kernel"]
+            # "sent" is a local write: a burst that overflowed the veth backlog
+            # reaches the hook only when TCP retransmits it (RTO backoff)
+            peak = wait_kernel(agent, lambda l: l["kernel"]["requests"] >= n, timeout=90)
         for t in floods + holders:  # all FINs and RSTs: what is left is reported
             assert t.stop() == 0
         time.sleep(2)

@@ -24,7 +24,7 @@ def btf():
 MIRRORS = {
     "http_event": abi.HttpEvent, "conn_key": abi.ConnKey, "conn_state": abi.ConnState,
     "stream_state": abi.StreamState, "pending_req": abi.PendingReq, "req_key": abi.ReqKey,
-    "endpoint_key": abi.EndpointKey,
+    "endpoint_key": abi.EndpointKey, "settings": abi.Settings,
 }
 
 
@@ -75,3 +75,8 @@ def test_fast_decoder_matches_ctypes_mirror():
 
 def test_short_record_is_rejected_not_raised():
     assert abi.decode_event(b"\x00" * (abi.EVENT_SIZE - 1)) is None
+
+
+def test_endpoint_flags_match_btf(btf):
+    values = {v["name"]: v["val"] for v in btf[("ENUM", "endpoint_flags")]["values"]}
+    assert values == {"EP_TRACED": abi.EP_TRACED, "EP_PORT": abi.EP_PORT, "EP_HOST": abi.EP_HOST}

@@ -453,7 +453,7 @@ def test_rbac_grants_exactly_what_the_agent_requests(api, tmp_path):
     api.put("replicasets", make_replicaset("web-1", "web"))
     api.put("pods", make_pod("web-1-a", ["198.18.0.10"], owner=("ReplicaSet", "web-1")))
     m = K8sMeta("node-a", load_client(api.kc), timing=FAST)
-    table = types.SimpleNamespace(set=lambda eps: None, current=set())
+    table = types.SimpleNamespace(set=lambda eps: None, current={}, host_endpoints=[])
     log = AccessLog(str(tmp_path / "log"))
     m.start(types.SimpleNamespace(tracer=types.SimpleNamespace(endpoints=table), accesslog=log,
                                   cfg=types.SimpleNamespace(endpoints=[])))
