@@ -13,6 +13,7 @@
 #define TCPF_FIN 0x01
 #define TCPF_SYN 0x02
 #define TCPF_RST 0x04
+#define TCPF_ACK 0x10
 
 /* The parts of a TCP/IP packet the tracer needs. */
 struct pkt {

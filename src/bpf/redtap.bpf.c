@@ -815,8 +815,87 @@ static __always_inline int traced(struct scratch *sc, struct pkt *pp, int *is_re
 	return ep != 0;
 }
 
+/* One CPU at a time walks a direction of a connection: packets of one flow
+ * can reach the hook on two CPUs at once (a veth queues received packets per
+ * CPU; a TCP sender transmits from process and softirq context), and two
+ * walks of one stream would corrupt its framing state. A walk takes about a
+ * microsecond (a 64 kB segment's head scans at most a few hundred): the other
+ * CPU spins on a bounded number of tries, then skips its segment (counted;
+ * the next segment sees a gap there and resynchronises). */
+#define CLAIM_TRIES 8192
+
+struct claim_ctx {
+	__u32 *busy;
+	int ok;
+};
+
+static long claim_try(__u32 i, void *ctx)
+{
+	struct claim_ctx *cc = ctx;
+
+	if (*(volatile __u32 *)cc->busy)
+		return 0;
+	if (__sync_val_compare_and_swap(cc->busy, 0, 1) == 0) {
+		cc->ok = 1;
+		return 1;
+	}
+	return 0;
+}
+
+static __always_inline int claim(__u32 *busy)
+{
+	struct claim_ctx cc = { .busy = busy, .ok = 0 };
+
+	if (__sync_val_compare_and_swap(busy, 0, 1) == 0)
+		return 1; /* the usual case: nobody else */
+	bpf_loop(CLAIM_TRIES, claim_try, &cc, 0);
+	return cc.ok;
+}
+
+static __always_inline void release(__u32 *busy)
+{
+	__sync_lock_test_and_set(busy, 0); /* an atomic exchange: orders the walk's writes */
+}
+
+/* A segment that overtook earlier ones on the way to the hook (they wait in
+ * another CPU's backlog queue) would lose the stream's sync: wait a bounded
+ * time, without the claim, for the other CPU to walk them. A segment lost
+ * before the hook costs the whole wait (tens of microseconds), then a gap. */
+#define REORDER_WAIT_TRIES 8192
+
+struct seq_wait_ctx {
+	struct stream_state *st;
+	__u32 seq;
+	int ok;
+};
+
+static long seq_wait_try(__u32 i, void *ctx)
+{
+	struct seq_wait_ctx *w = ctx;
+
+	if ((__s32)(w->seq - *(volatile __u32 *)&w->st->next_seq) <= 0) {
+		w->ok = 1;
+		return 1;
+	}
+	return 0;
+}
+
+/* Would bytes missing before @seq lose the stream's sync? */
+static __always_inline int gap_loses_sync(struct stream_state *st, __u32 seq)
+{
+	__s32 d = (__s32)(seq - st->next_seq);
+
+	if (!st->seq_valid || d <= 0 || st->mode == SM_TUNNEL || st->mode == SM_UNSYNC ||
+	    st->mode == SM_UNTIL_CLOSE)
+		return 0;
+	if ((st->mode == SM_BODY || st->mode == SM_CHUNK_DATA) && st->body_left >= (__u64)d)
+		return 0;
+	return 1;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, int is_req, int pod_side)
 {
+	struct stream_state *st;
 	struct conn_state *c;
 	struct scratch *sc;
 	struct walk_args *a;
@@ -890,6 +969,13 @@ static __always_inline int handle(struct __sk_buff *skb, int is_req, int pod_sid
 		__builtin_memset(&sc->conn, 0, sizeof(sc->conn));
 		sc->conn.req.next_seq = pp->seq;
 		sc->conn.req.seq_valid = 1;
+		if (pp->tcp_flags & TCPF_ACK) {
+			/* the answer starts where the client's ACK points: a
+			 * first response lost (or overtaken) is then a gap,
+			 * not a later one paired with the first request */
+			sc->conn.resp.next_seq = pp->ack;
+			sc->conn.resp.seq_valid = 1;
+		}
 		sc->conn.check_on = 2; /* its first response is checked by ACK */
 		if (bpf_map_update_elem(&conns, &a->key, &sc->conn, BPF_NOEXIST) &&
 		    !bpf_map_lookup_elem(&conns, &a->key)) {
@@ -902,13 +988,29 @@ static __always_inline int handle(struct __sk_buff *skb, int is_req, int pod_sid
 		goto no_conn;
 
 	stat_inc(S_TRACED_SEGMENTS);
+	st = is_req ? &c->req : &c->resp;
+	if (!claim(&st->busy)) {
+		stat_inc(S_CONCURRENT); /* its bytes: a gap to the next segment */
+		return TC_ACT_UNSPEC_;
+	}
+	if (pp->payload_len && gap_loses_sync(st, pp->seq)) {
+		struct seq_wait_ctx w = { .st = st, .seq = pp->seq, .ok = 0 };
+
+		release(&st->busy);
+		bpf_loop(REORDER_WAIT_TRIES, seq_wait_try, &w, 0);
+		if (!claim(&st->busy)) {
+			stat_inc(S_CONCURRENT);
+			return TC_ACT_UNSPEC_;
+		}
+		if (w.ok)
+			stat_inc(S_REORDERED);
+	}
 	if (!is_req && c->lost_pending) { /* marked by the request side */
 		c->lost_pending = 0;
 		finish_response(&a->key, c, FLAGS_IF(0, ifindex), 0);
 		flush_pending(&a->key, c, FLAGS_IF(R_LOST, ifindex), now, c->lost_until);
 	}
 	if (pp->payload_len) {
-		struct stream_state *st = is_req ? &c->req : &c->resp;
 		int lost, m, start = seg_start(st, pp->seq, pp->payload_len, &lost);
 
 		a->now = now;
@@ -949,8 +1051,11 @@ static __always_inline int handle(struct __sk_buff *skb, int is_req, int pod_sid
 		else
 			finish_response(&a->key, c, FLAGS_IF(0, ifindex), 0);
 		flush_pending(&a->key, c, FLAGS_IF(R_SERVER_FIN, ifindex), now, c->tail);
+		release(&st->busy);
 		bpf_map_delete_elem(&conns, &a->key);
+		return TC_ACT_UNSPEC_;
 	}
+	release(&st->busy);
 	return TC_ACT_UNSPEC_;
 
 no_conn:

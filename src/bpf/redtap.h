@@ -83,6 +83,10 @@ enum stat_idx {
 	S_CHUNKED,            /* chunked bodies followed to their end          */
 	S_GIVEN_UP,           /* pipelining connections that lost sync: no longer
 			       * followed (their pending requests: R_LOST)     */
+	S_CONCURRENT,         /* segments skipped: another CPU was walking the
+			       * same direction of the connection too long     */
+	S_REORDERED,          /* segments that overtook an earlier one on the
+			       * way to the hook and waited for it (not lost)  */
 	S_NR,
 };
 
@@ -160,6 +164,8 @@ struct stream_state {
 	__u8 partial_len;  /* SM_PARTIAL: bytes in partial[]                  */
 	__u8 partial[11];  /* SM_PARTIAL: a message's first bytes             */
 	__u8 body_gap;     /* bytes of the current body were not seen         */
+	__u32 busy;        /* a CPU is walking this direction (claim())       */
+	__u32 pad;
 };
 
 /* stream_state.hdr_flags while reading a chunk-size line */

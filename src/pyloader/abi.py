@@ -34,7 +34,7 @@ STATS = (
     "parse_failed", "retransmits", "gaps", "conn_map_full", "pending_map_full",
     "requests_evicted", "unanswered", "pending_pushed", "pending_popped", "header_too_long",
     "unsupported_framing", "resync_dropped", "early_responses", "chunked_bodies",
-    "connections_given_up",
+    "connections_given_up", "concurrent_segments", "reordered_segments",
 )
 # C enumerator name for each of STATS (checked against BTF)
 STAT_ENUMS = (
@@ -43,13 +43,13 @@ STAT_ENUMS = (
     "S_PARSE_FAILED", "S_RETRANSMIT", "S_GAP", "S_CONN_MAP_FULL", "S_PENDING_MAP_FULL",
     "S_REQ_EVICTED", "S_UNANSWERED", "S_PENDING_PUSHED", "S_PENDING_POPPED", "S_HEADER_TOO_LONG",
     "S_UNSUPPORTED_FRAMING", "S_RESYNC_DROPPED", "S_EARLY_RESPONSE", "S_CHUNKED",
-    "S_GIVEN_UP",
+    "S_GIVEN_UP", "S_CONCURRENT", "S_REORDERED",
 )
 # counters that mean something was lost or not understood
 LOSS_STATS = ("ringbuf_full", "fifo_overflow", "overflow_responses", "unmatched_responses",
               "parse_failed", "gaps", "conn_map_full", "pending_map_full", "requests_evicted",
               "header_too_long", "unsupported_framing", "resync_dropped", "early_responses",
-              "connections_given_up")
+              "connections_given_up", "concurrent_segments")
 
 
 class EndpointKey(ctypes.Structure):
@@ -74,7 +74,7 @@ class StreamState(ctypes.Structure):
     _fields_ = [("body_left", u64), ("hdr_cl", u64), ("body_seen", u64), ("last_data_ns", u64),
                 ("hdr_w0", u64), ("hdr_w1", u64), ("next_seq", u32), ("line_len", u32),
                 ("mode", u8), ("seq_valid", u8), ("hdr_flags", u8), ("partial_len", u8),
-                ("partial", u8 * 11), ("body_gap", u8)]
+                ("partial", u8 * 11), ("body_gap", u8), ("busy", u32), ("pad", u32)]
 
 
 class ReqKey(ctypes.Structure):
