@@ -998,6 +998,11 @@ static __always_inline int handle(struct __sk_buff *skb, int is_req, int pod_sid
 
 		release(&st->busy);
 		bpf_loop(REORDER_WAIT_TRIES, seq_wait_try, &w, 0);
+		/* the connection may have ended meanwhile (FIN, RST on another CPU) */
+		c = bpf_map_lookup_elem(&conns, &a->key);
+		if (!c)
+			return TC_ACT_UNSPEC_;
+		st = is_req ? &c->req : &c->resp;
 		if (!claim(&st->busy)) {
 			stat_inc(S_CONCURRENT);
 			return TC_ACT_UNSPEC_;
