@@ -345,20 +345,26 @@ def main() -> int:
         print("redtap demo: must run as root (network namespaces, BPF); try: sudo make demo",
               file=sys.stderr)
         return 1
+    return run_torn_down(lambda: Node(pods=4), run)
+
+
+def run_torn_down(make, body) -> int:
+    """body(make()) with Ctrl-C and SIGTERM unwinding into the environment's
+    teardown (its namespaces never outlive the demo)."""
     signal.signal(signal.SIGTERM, _on_sigterm)
     signal.signal(signal.SIGINT, signal.default_int_handler)  # even if inherited ignored
     t0 = time.monotonic()
-    node = Node(pods=4)
+    env = make()
     try:
-        return run(node)
+        return body(env)
     except KeyboardInterrupt:
         log("\ninterrupted")
         return 130
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM):
             signal.signal(sig, signal.SIG_IGN)  # let the teardown finish
-        node.teardown()
-        log(f"torn down {node.tag}-* (demo took {time.monotonic() - t0:.1f}s)")
+        env.teardown()
+        log(f"torn down {env.tag}-* (demo took {time.monotonic() - t0:.1f}s)")
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import sys
 import threading
 import time
 
-from .demo import find_event, format_record, read_lines, records
+from .demo import find_event, format_record, read_lines, records, run_torn_down
 from .netcluster import Cluster, default_scenarios, render
 
 START_TIMEOUT_S = 60.0
@@ -223,10 +223,6 @@ def run(cluster: Cluster, compare: bool) -> int:
     return 0 if ok else 1
 
 
-def _on_sigterm(signum, _frame) -> None:
-    raise SystemExit(128 + signum)
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m pyloader.democluster", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,20 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         print("redtap cluster demo: must run as root (network namespaces, BPF); "
               "try: sudo make demo-cluster", file=sys.stderr)
         return 1
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    t0 = time.monotonic()
-    cluster = Cluster()
-    try:
-        return run(cluster, args.compare)
-    except KeyboardInterrupt:
-        log("\ninterrupted")
-        return 130
-    finally:
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, signal.SIG_IGN)  # let the teardown finish
-        cluster.teardown()
-        log(f"torn down {cluster.tag}-* (demo took {time.monotonic() - t0:.1f}s)")
+    return run_torn_down(Cluster, lambda cluster: run(cluster, args.compare))
 
 
 if __name__ == "__main__":
