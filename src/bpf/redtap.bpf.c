@@ -532,7 +532,8 @@ static __always_inline int parse_request(struct __sk_buff *skb, struct conn_stat
 	}
 	if (c->overflow || c->tail - c->head >= MAX_PIPELINE) {
 		/* no room: its response will be skipped, keeping the pairing */
-		c->overflow++;
+		/* atomic: the response side decrements it on another CPU */
+		__sync_fetch_and_add(&c->overflow, 1);
 		stat_inc(S_FIFO_OVERFLOW);
 	} else {
 		struct req_key *rk = &sc->rkey;
@@ -560,7 +561,7 @@ static __always_inline int parse_request(struct __sk_buff *skb, struct conn_stat
 		rk->pad = 0;
 		if (bpf_map_update_elem(&pending, rk, u, BPF_ANY)) {
 			stat_inc(S_PENDING_MAP_FULL);
-			c->overflow++; /* its response must not pair with the next one */
+			__sync_fetch_and_add(&c->overflow, 1); /* its response must not pair with the next one */
 			goto framing;
 		}
 		pushed = 1;
@@ -645,7 +646,9 @@ static __always_inline int parse_response(struct __sk_buff *skb, struct conn_sta
 				c->resp_first_ns = ts;
 			}
 		} else if (c->overflow) {
-			c->overflow--;
+			/* the only decrement (under the response side's claim):
+			 * a concurrent increment cannot make it go below 0 */
+			__sync_fetch_and_sub(&c->overflow, 1);
 			stat_inc(S_OVERFLOW_RESPONSES);
 		} else {
 			stat_inc(S_UNMATCHED_RESPONSE);
