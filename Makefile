@@ -10,8 +10,7 @@ BPF_OBJ := $(OUT)/redtap.bpf.o
 PKG_OBJ := src/pyloader/data/redtap.bpf.o
 BPF_SRC := $(wildcard src/bpf/*.c src/bpf/*.h)
 
-BPF_CFLAGS := -target bpf -g -O2 -Wall -Werror -D__TARGET_ARCH_x86 \
-	-I. -Isrc/bpf -mcpu=v3
+BPF_CFLAGS := $(shell sh src/bpf/cflags.sh)  # one source with setup.py
 
 .PHONY: all bpf deps venv demo demo-cluster test test-unit test-bpf test-e2e test-cluster test-container test-kernel61 bench clean
 
@@ -38,12 +37,12 @@ venv: deps
 	@$(PY) -m pip install -q -e '.[test]'
 
 demo: venv bpf
-	$(PY) -m pyloader.demo
+	$(PY) -m pyloader.lab.demo
 
 # Two nodes (Flannel VXLAN, Services, a hostNetwork server), one agent per node,
 # records of both merged; then the same traffic with --attach bridge, compared.
 demo-cluster: venv bpf
-	$(PY) -m pyloader.democluster
+	$(PY) -m pyloader.lab.democluster
 
 # The cluster end-to-end tests alone (also part of `make test`).
 test-cluster: venv bpf

@@ -1,6 +1,6 @@
 """Build hook: `pip install .` compiles the BPF object into the package data.
 
-build_py compiles src/bpf/redtap.bpf.c with clang (the flags of the Makefile)
+build_py compiles src/bpf/redtap.bpf.c with clang (src/bpf/cflags.sh, as the Makefile)
 into pyloader/data/redtap.bpf.o of the build, so an installed `redtap` finds
 its object without the source tree. Without clang (or with REDTAP_PREBUILT_BPF=1)
 it takes the prebuilt src/pyloader/data/redtap.bpf.o shipped in the package
@@ -8,7 +8,6 @@ data (`make bpf` makes one); with neither it stops with a clear message.
 Everything else is declared in setup.cfg.
 """
 import os
-import platform
 import shutil
 import subprocess
 
@@ -18,14 +17,13 @@ from setuptools.command.build_py import build_py
 HERE = os.path.dirname(os.path.abspath(__file__))
 BPF_SRC = os.path.join("src", "bpf", "redtap.bpf.c")
 PREBUILT = os.path.join("src", "pyloader", "data", "redtap.bpf.o")
-ARCH = {"x86_64": "x86", "amd64": "x86", "aarch64": "arm64", "arm64": "arm64",
-        "ppc64le": "powerpc", "s390x": "s390", "riscv64": "riscv"}
+CFLAGS_SH = os.path.join("src", "bpf", "cflags.sh")
 
 
 def bpf_cflags():
-    arch = ARCH.get(platform.machine().lower(), "x86")
-    return ["-target", "bpf", "-g", "-O2", "-Wall", f"-D__TARGET_ARCH_{arch}",
-            "-I.", "-Isrc/bpf", "-mcpu=v3"]
+    """The flags of src/bpf/cflags.sh (the Makefile reads the same script)."""
+    return subprocess.run(["sh", CFLAGS_SH], check=True, cwd=HERE, capture_output=True,
+                          text=True).stdout.split()
 
 
 class BuildPyWithBpf(build_py):

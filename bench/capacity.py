@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import time
 
-from pyloader import abi
+from pyloader.kernel import abi
 
 import loadgen
 

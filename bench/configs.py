@@ -6,7 +6,7 @@
      programs cost on the client's veth, where every packet exits early)
   C  the full agent (`python -m pyloader run --endpoint ...`, log to a file)
   D  the full agent with --metrics-addr and Kubernetes metadata from
-     tests/fakeapi.py (served in the node namespace; pods named as in `make demo`)
+     lab/fakeapi.py (served in the node namespace; pods named as in `make demo`)
 
 start() returns once tracing is on; stop() returns the final counters
 ({"kernel": {...}, "agent": {...}, ...} as in the agent's redtap.exit line).
@@ -20,7 +20,7 @@ import subprocess
 import sys
 import time
 
-from pyloader.netnode import NODE_IP, Node
+from pyloader.lab.netnode import NODE_IP, Node
 
 import probe
 
@@ -165,9 +165,7 @@ class AgentFull(AgentRun):
         self.api = None
         self.kubeconfig = None
         if k8s:
-            if TESTS not in sys.path:
-                sys.path.insert(0, TESTS)
-            from fakeobjs import demo_cluster  # the pods of `make demo` (pod0 web, pod2 client-a)
+            from pyloader.lab.fakeobjs import demo_cluster  # the pods of `make demo` (pod0 web, pod2 client-a)
             self.api = demo_cluster(node, K8S_NODE)
             self.kubeconfig = self.api.kubeconfig(os.path.join(node.dir, "kubeconfig"))
         if not k8s:

@@ -31,18 +31,17 @@ import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-TESTS = os.path.join(os.path.dirname(HERE), "tests")
-sys.path.insert(0, HERE)
 
-from pyloader import abi  # noqa: E402
-from pyloader.accesslog import AccessLog, RecordBuilder  # noqa: E402
-from pyloader.component import overridden  # noqa: E402
-from pyloader.k8s_meta import K8sMeta  # noqa: E402
-from pyloader.metrics import MetricsComponent  # noqa: E402
-from pyloader.redact import Redactor  # noqa: E402
-from pyloader.routes import RouteComponent, RouteTable  # noqa: E402
+from pyloader.kernel import abi
+from pyloader.output.accesslog import AccessLog
+from pyloader.pipeline.record import RecordBuilder
+from pyloader.pipeline.component import overridden
+from pyloader.k8s.meta import K8sMeta
+from pyloader.output.metrics import MetricsComponent
+from pyloader.pipeline.redact import Redactor
+from pyloader.pipeline.routes import RouteComponent, RouteTable
 
-from metrics_cost import make_events, pipeline  # noqa: E402
+from metrics_cost import make_events, pipeline
 
 NODE = "node-a"
 
@@ -51,9 +50,7 @@ def k8s_component() -> K8sMeta:
     """K8sMeta with its state filled as its watches would: the 4 server pods of
     make_events (198.18.0.10-13, port 80) behind one Service each, and the 8
     client pods (198.18.0.20-27). No API, no threads."""
-    if TESTS not in sys.path:
-        sys.path.insert(0, TESTS)
-    from fakeobjs import make_pod, make_service, make_slice
+    from pyloader.lab.fakeobjs import make_pod, make_service, make_slice
     servers = [make_pod(f"web-{i}", [f"198.18.0.{10 + i}"], ns="shop", node=NODE,
                         labels={"app": f"web{i}"}, owner=("StatefulSet", f"web{i}"), started=0)
                for i in range(4)]

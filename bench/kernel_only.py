@@ -3,9 +3,9 @@
 
 Run inside the node namespace:
     kernel_only.py --endpoint IP:PORT [--bridge cni0 | --iface NAME ...] [--no-drain]
-Loads the object (pyloader.tracer.Tracer) with a wakeup threshold no batch
+Loads the object (pyloader.kernel.tracer.Tracer) with a wakeup threshold no batch
 reaches (the kernel never wakes a reader), attaches both programs to every port
-of the bridge (pyloader.attach.TcAttacher, as the agent's default) or to the
+of the bridge (pyloader.kernel.attach.TcAttacher, as the agent's default) or to the
 --iface interfaces given, prints
 {"ready": ...} and waits for SIGTERM/SIGINT; then detaches and prints
 {"kernel": counters, "max_rss_kb": ...}.
@@ -27,10 +27,10 @@ import signal
 import sys
 import time
 
-from pyloader._libbpf import RING_BUFFER_SAMPLE_FN, lib
-from pyloader.attach import TcAttacher
-from pyloader.endpoints import parse_endpoint
-from pyloader.tracer import Tracer
+from pyloader.libbpf.binding import RING_BUFFER_SAMPLE_FN, lib
+from pyloader.kernel.attach import TcAttacher
+from pyloader.kernel.endpoints import parse_endpoint
+from pyloader.kernel.tracer import Tracer
 
 NEVER_WAKE = 0xFFFFFFFF
 

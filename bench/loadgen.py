@@ -1,7 +1,7 @@
 """Load for the benchmark: nginx pinned to one CPU, wrk (closed loop, saturation)
 and hey (open loop, fixed rate) pinned to the other, with their outputs parsed.
 
-Everything runs inside the namespaces of a pyloader.netnode.Node; traffic goes
+Everything runs inside the namespaces of a pyloader.lab.netnode.Node; traffic goes
 only to the node's pod addresses (198.18.0.0/15).
 """
 from __future__ import annotations
@@ -10,7 +10,7 @@ import os
 import re
 import subprocess
 
-from pyloader.netnode import NGINX_CONF, Node, Pod
+from pyloader.lab.netnode import NGINX_CONF, Node, Pod
 
 SERVER_CPU, CLIENT_CPU = "0", "1"
 

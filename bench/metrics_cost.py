@@ -24,12 +24,13 @@ import time
 
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from pyloader import abi
-from pyloader.accesslog import AccessLog, RecordBuilder
+from pyloader.kernel import abi
+from pyloader.output.accesslog import AccessLog
+from pyloader.pipeline.record import RecordBuilder
 from pyloader.agent import Agent, AgentConfig
-from pyloader.component import overridden
-from pyloader.metrics import BOUNDS_MS, MetricsComponent
-from pyloader.routes import RouteComponent, RouteTable
+from pyloader.pipeline.component import overridden
+from pyloader.output.metrics import BOUNDS_MS, MetricsComponent
+from pyloader.pipeline.routes import RouteComponent, RouteTable
 
 V4 = b"\x00" * 10 + b"\xff\xff"
 

@@ -7,7 +7,7 @@ import json
 import os
 import subprocess
 
-from pyloader.netnode import Node
+from pyloader.lab.netnode import Node
 
 BPF_STATS = "/proc/sys/kernel/bpf_stats_enabled"
 PROGS = ("redtap_req", "redtap_resp")

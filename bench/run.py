@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """`make bench`: what redtap costs the traffic it watches (issue #7).
 
-Builds the namespace test node (pyloader.netnode.Node: nginx, 1 worker,
+Builds the namespace test node (pyloader.lab.netnode.Node: nginx, 1 worker,
 access_log off, on CPU 0 in pod0; the load from pod2 on CPU 1) and measures in
 one run, interleaved (A B C D A B C D ...), the configurations of configs.py:
 
@@ -9,7 +9,7 @@ one run, interleaved (A B C D A B C D ...), the configurations of configs.py:
   B  programs attached to every port of cni0, no consumer (kernel_only.py)
   S  the same on the server pod's veth only (diagnostic: the client veth's share)
   C  the full agent (`python -m pyloader run --endpoint ...`, log to a file)
-  D  the full agent with --metrics-addr and Kubernetes names (tests/fakeapi.py)
+  D  the full agent with --metrics-addr and Kubernetes names (lab/fakeapi.py)
 
 each under wrk (keep-alive, saturation) and hey (open loop at half of A's
 saturation rate); BPF run statistics (kernel.bpf_stats_enabled, bpftool) and
@@ -30,17 +30,16 @@ import time
 import traceback
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 
-from pyloader.netnode import Node  # noqa: E402
+from pyloader.lab.netnode import Node
 
-import capacity  # noqa: E402
-import consumer  # noqa: E402
-import probe  # noqa: E402
-import report  # noqa: E402
-from cell import run_cell  # noqa: E402
-from configs import AgentFull, AgentRun, KernelOnly, NoRedtap  # noqa: E402
-from loadgen import hey_max, start_nginx  # noqa: E402
+import capacity
+import consumer
+import probe
+import report
+from cell import run_cell
+from configs import AgentFull, AgentRun, KernelOnly, NoRedtap
+from loadgen import hey_max, start_nginx
 
 HEY_SHARE = 0.5  # the open-loop rate stays below this share of hey's own ceiling
 

@@ -2,16 +2,13 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from pyloader import abi  # noqa: E402
-from pyloader.endpoints import parse_endpoint  # noqa: E402
-from pyloader.ringbuf import RingBuffer  # noqa: E402
-from pyloader.tracer import Tracer  # noqa: E402
+from pyloader.kernel import abi
+from pyloader.kernel.endpoints import parse_endpoint
+from pyloader.libbpf.ringbuf import RingBuffer
+from pyloader.kernel.tracer import Tracer
 
 
 def _clear(m) -> None:

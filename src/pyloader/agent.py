@@ -8,15 +8,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-from . import abi
-from .accesslog import AccessLog, RecordBuilder
-from .attach import BridgeFollower, TcAttacher
-from .component import overridden
-from .endpoints import WILDCARD, Endpoint, host_addresses
-from .errors import RedtapError
-from .ringbuf import RingBuffer
-from .summary import RedSummary
-from .tracer import Tracer
+from pyloader.kernel import abi
+from pyloader.output.accesslog import AccessLog
+from pyloader.pipeline.record import RecordBuilder
+from pyloader.kernel.attach import BridgeFollower, TcAttacher
+from pyloader.pipeline.component import overridden
+from pyloader.kernel.endpoints import WILDCARD, Endpoint, host_addresses
+from pyloader.errors import RedtapError
+from pyloader.libbpf.ringbuf import RingBuffer
+from pyloader.output.summary import RedSummary
+from pyloader.kernel.tracer import Tracer
 
 log = logging.getLogger("redtap.agent")
 
@@ -39,7 +40,7 @@ class AgentConfig:
     idle_timeout_s: float = 60.0
     stats_interval_s: float = 60.0
     summary: bool = False             # print a R.E.D. table to stderr at exit
-    components: list = field(default_factory=list)  # pyloader.component.Component
+    components: list = field(default_factory=list)  # pyloader.pipeline.component.Component
 
 
 def peak_rss_kb() -> int:
@@ -157,7 +158,7 @@ class Agent:
 
     def counters(self) -> dict:
         k = self.tracer.stats()
-        live = sum(st.tail - st.head for _, st in self.tracer.pending())
+        live = sum(st.tail - st.head for _, st in self.tracer.connections())
         # requests that vanished with an LRU-evicted connection
         k["lru_evicted_pending"] = max(0, k["pending_pushed"] - k["pending_popped"] - live
                                        - self.stats.idle_unanswered)

@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
 
-from . import __version__
-from .errors import ConfigError, RedtapError
-from .endpoints import parse_endpoint
+from pyloader import __version__
+from pyloader.errors import ConfigError, RedtapError
+from pyloader.kernel.endpoints import parse_endpoint
+from pyloader.tools import replay, top
 
 RUN_HELP = """\
 Trace HTTP/1.x on this node's pod interfaces and write one JSON line per request.
@@ -89,10 +91,11 @@ def _run_parser(sub) -> None:
                    help="watch every pod of the cluster to name clients on other nodes "
                         "(default on; off: only this node's pods are named)")
     p.add_argument("-v", "--verbose", action="store_true")
+    p.set_defaults(func=run)
 
 
 def _size(text: str) -> int:
-    from .logwriter import parse_size
+    from pyloader.output.logwriter import parse_size
     try:
         return parse_size(text)
     except ConfigError as e:
@@ -104,46 +107,27 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--version", action="version", version=f"redtap {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
     _run_parser(sub)
-    from .top import add_parser as _top_parser
-    _top_parser(sub)
-    from .replay import add_parser as _replay_parser
-    _replay_parser(sub)
+    for tool in (top, replay):
+        tool.add_parser(sub)
     return ap
 
 
-def _k8s_components(args) -> list:
-    """The metadata component, when enabled (explicitly, or by --kubeconfig / in-cluster)."""
-    from .k8s_watch import in_cluster
-    on = args.k8s if args.k8s is not None else bool(args.kubeconfig) or in_cluster()
-    if not on:
-        return []
-    if not args.node_name:
-        raise ConfigError("Kubernetes metadata needs this node's name: --node-name or NODE_NAME")
-    from .k8s_meta import K8sMeta
-    from .k8s_watch import load_client
-    return [K8sMeta(args.node_name, load_client(args.kubeconfig), all_pods=args.k8s_all_pods)]
-
-
-def _redact_components(args) -> list:
-    """Secrets in URLs (src/pyloader/redact.py): first, so that no later part
-    (routes, metrics, the log) ever sees them."""
-    if not args.redact:
-        return []
-    from .redact import DEFAULT_KEYS, Redactor, parse_keys
-    keys = DEFAULT_KEYS if args.redact_keys is None else parse_keys(args.redact_keys)
-    return [Redactor(keys)]
-
-
-def _red_components(args) -> list:
-    """Route templates (always: the log gets http.route) and, with --metrics-addr,
-    the Prometheus endpoint. Put them after components that add server.k8s.* names."""
-    from .routes import RouteComponent, RouteTable
-    table = RouteTable(args.route, max_routes=args.max_routes)
-    comps = [RouteComponent(table)]
-    if args.metrics_addr:
-        from .metrics import MetricsComponent
-        comps.append(MetricsComponent(args.metrics_addr, table))
-    return comps
+def run(args) -> int:
+    """`redtap run`: preflight, then the agent with the pipeline's stages."""
+    from pyloader.kernel.preflight import check as preflight
+    preflight()  # BTF, ring buffer, libbpf, capabilities: one clear message each
+    from pyloader.agent import Agent, AgentConfig
+    from pyloader.pipeline.stages import stages
+    cfg = AgentConfig(
+        endpoints=[parse_endpoint(e) for e in args.endpoint],
+        attach=args.attach, bridge=args.bridge, ifaces=args.iface,
+        host_ifaces=args.host_iface, log_path=args.log, bpf_object=args.bpf_object,
+        max_conns=args.max_conns, poll_ms=args.poll_ms,
+        idle_timeout_s=args.idle_timeout, stats_interval_s=args.stats_interval,
+        summary=args.summary, log_max_bytes=args.log_max_bytes, log_backups=args.log_backups,
+        log_queue_lines=args.log_queue, max_batch=args.max_batch,
+        components=stages(args))
+    return Agent(cfg).run()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -151,38 +135,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO if getattr(args, "verbose", False) else logging.WARNING,
                         stream=sys.stderr, format="redtap: %(message)s")
     try:
-        if args.cmd == "run":
-            from .preflight import check as preflight
-            preflight()  # BTF, ring buffer, libbpf, capabilities: one clear message each
-            from .agent import Agent, AgentConfig
-            cfg = AgentConfig(
-                endpoints=[parse_endpoint(e) for e in args.endpoint],
-                attach=args.attach, bridge=args.bridge, ifaces=args.iface,
-                host_ifaces=args.host_iface, log_path=args.log, bpf_object=args.bpf_object,
-                max_conns=args.max_conns, poll_ms=args.poll_ms,
-                idle_timeout_s=args.idle_timeout, stats_interval_s=args.stats_interval,
-                summary=args.summary)
-            cfg.log_max_bytes, cfg.log_backups, cfg.log_queue_lines = (
-                args.log_max_bytes, args.log_backups, args.log_queue)
-            cfg.max_batch = args.max_batch
-            cfg.components += _redact_components(args)
-            cfg.components += _k8s_components(args)
-            cfg.components += _red_components(args)
-            return Agent(cfg).run()
-        if args.cmd == "replay":
-            return args.func(args)
-        if args.cmd == "top":
-            from .top import main as top_main
-            return top_main(args)
+        return args.func(args)
     except RedtapError as e:
         print(f"redtap: {e}", file=sys.stderr)
-        if getattr(e, "errno", None) == 1:  # EPERM from bpf(): say what would help
-            from .preflight import EPERM_HINT
+        if getattr(e, "errno", None) == errno.EPERM:  # from bpf(): say what would help
+            from pyloader.kernel.preflight import EPERM_HINT
             print(f"redtap: {EPERM_HINT}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
-    return 2
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ import struct
 
 from hypothesis import strategies as st
 
-import packets as P
+from support import packets as P
 
 ENDPOINTS = ("198.18.0.0/16", "2001:db8::/32")
 SERVERS = [("198.18.0.10", 80), ("198.18.0.10", 8080), ("2001:db8::10", 80), ("198.18.0.11", 65535)]

@@ -2,9 +2,9 @@
 redtap.bpf.c). BPF_PROG_TEST_RUN runs on one CPU, so the other CPU's claim is
 written into the map by hand: its segment must be skipped and counted, never
 walked at the same time; the next segment then sees the gap."""
-from pyloader import abi
+from pyloader.kernel import abi
 
-import packets as P
+from support import packets as P
 
 
 def only_conn(h):

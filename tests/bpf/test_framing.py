@@ -2,9 +2,9 @@
 (retransmits, reordering, split heads, chunked bodies, 1xx, close)."""
 import time
 
-from pyloader import abi
+from pyloader.kernel import abi
 
-import packets as P
+from support import packets as P
 
 END = abi.EV_RESP_END | abi.EV_RESP_BODY
 

@@ -32,11 +32,11 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from pyloader import abi
-from pyloader.accesslog import RecordBuilder
+from pyloader.kernel import abi
+from pyloader.pipeline.record import RecordBuilder
 from pyloader.errors import BpfError
 
-import packets as P
+from support import packets as P
 from fuzzgen import (CLIENTS, ENDPOINTS, SERVERS, U32, Conns, build, conversation, frame,
                      min_frame, segment)
 
@@ -88,14 +88,14 @@ def check_state(h) -> None:
     t = h.t
     live = 0
     fifo = {}
-    for key, c in t.pending():
+    for key, c in t.connections():
         n = (c.tail - c.head) % U32
         assert n <= abi.MAX_PIPELINE, f"FIFO of {n} requests"
         for s in (c.req, c.resp):
             assert s.mode <= 8 and s.partial_len <= 11, (s.mode, s.partial_len)
         fifo[bytes(key)] = (c.head, n)
         live += n
-    pend = [abi.ReqKey.from_buffer_copy(k) for k in t.requests.keys()]
+    pend = [abi.ReqKey.from_buffer_copy(k) for k in t.pending.keys()]
     assert len(pend) == live, f"{len(pend)} pending requests stored, FIFOs hold {live}"
     for rk in pend:
         head, n = fifo[bytes(rk.conn)]
@@ -124,14 +124,14 @@ def check_events(h, builder: RecordBuilder) -> int:
 def reset_all(h) -> int:
     """A client RST on every tracked connection: everything pending is
     reported, both maps end empty."""
-    for key, _ in list(h.t.pending()):
+    for key, _ in list(h.t.connections()):
         c, s = bytes(key.caddr), bytes(key.saddr)
         v4 = c[:12] == b"\0" * 10 + b"\xff\xff"
         cip = str(ipaddress.ip_address(c[12:] if v4 else c))
         sip = str(ipaddress.ip_address(s[12:] if v4 else s))
         assert h.req(frame(cip, sip, key.cport, key.sport, b"", 0, 0, P.RST)) == UNSPEC
     assert list(h.t.conns.keys()) == [], "connections left after RST"
-    assert list(h.t.requests.keys()) == [], "pending requests left after RST"
+    assert list(h.t.pending.keys()) == [], "pending requests left after RST"
     s = h.t.stats()
     return s["events"]
 

@@ -1,9 +1,9 @@
 """BPF_PROG_TEST_RUN on crafted packets: pairing of requests and responses.
 One behaviour per test; every test also checks (in the harness) that the
 program returned TC_ACT_UNSPEC and left the packet unchanged."""
-from pyloader import abi
+from pyloader.kernel import abi
 
-import packets as P
+from support import packets as P
 
 UNSPEC = 0xFFFFFFFF  # TC_ACT_UNSPEC (-1) as the u32 retval
 
@@ -277,8 +277,8 @@ def test_gap_in_sequence_is_counted_and_stream_resyncs(h):
 def test_evicted_request_is_counted_and_pairing_kept(h):
     c = P.Conn()
     h.req(c.req(P.get("/gone") + P.get("/kept")))
-    k = sorted(h.t.requests.keys(), key=lambda raw: abi.ReqKey.from_buffer_copy(raw).seq)[0]
-    h.t.requests.delete(k)  # as if the LRU map had evicted it
+    k = sorted(h.t.pending.keys(), key=lambda raw: abi.ReqKey.from_buffer_copy(raw).seq)[0]
+    h.t.pending.delete(k)  # as if the LRU map had evicted it
     h.resp(c.resp(P.response(500) + P.response(200)))
     assert [(e["url"], e["status"]) for e in h.events()] == [(b"/kept", 200)]
     assert h.stats()["requests_evicted"] == 1

@@ -3,9 +3,9 @@ egress, redtap_pod_resp on its ingress): they do what redtap_req/redtap_resp
 do, and also take a pod's own request to a server of the node's host stack
 (an EP_HOST endpoint) the other way round: request on ingress, response on
 egress. One behaviour per test."""
-from pyloader import abi
+from pyloader.kernel import abi
 
-import packets as P
+from support import packets as P
 
 UNSPEC = 0xFFFFFFFF
 POD = ("198.18.0.20", 40000)        # the client pod

@@ -1,8 +1,8 @@
 """The ring buffer reader against the real map: bounded batches lose nothing."""
-from pyloader import abi
-from pyloader.ringbuf import RingBuffer
+from pyloader.kernel import abi
+from pyloader.libbpf.ringbuf import RingBuffer
 
-import packets as P
+from support import packets as P
 
 
 def make_events(h, n: int) -> None:

@@ -14,8 +14,8 @@ import time
 
 import pytest
 
-from conftest import AgentProc, tc_filters, tc_qdiscs
-from pyloader.netnode import EXT_IP
+from support.agentproc import AgentProc, tc_filters, tc_qdiscs
+from pyloader.lab.netnode import EXT_IP
 
 N = 20
 SINK = "rtsink0"  # a veth pair in the node ns that mirrored copies are sent into

@@ -10,8 +10,8 @@ import time
 
 import pytest
 
-from pyloader import preflight
-from pyloader.netnode import pod_ip
+from pyloader.kernel import preflight
+from pyloader.lab.netnode import pod_ip
 
 CAPS = ["bpf", "net_admin", "perfmon"]
 NOBODY = 65534

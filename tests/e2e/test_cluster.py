@@ -1,8 +1,8 @@
-"""End to end on a simulated Flannel VXLAN cluster (pyloader.netcluster): two node
+"""End to end on a simulated Flannel VXLAN cluster (pyloader.lab.netcluster): two node
 namespaces on an underlay, pods on each node's cni0, cross-node traffic through
 flannel.1 (VXLAN), Services through kube-proxy-style DNAT, a hostNetwork server.
 One agent per node, each told only --kubeconfig and --node-name by the test API
-server (tests/fakeapi.py, served on the underlay). The cluster-wide log is the
+server (lab/fakeapi.py, served on the underlay). The cluster-wide log is the
 union of the nodes' logs: every request the clients made must be in it exactly
 once, recorded by the node hosting its server, with the right names."""
 from __future__ import annotations
@@ -20,7 +20,7 @@ from datetime import datetime
 import pytest
 
 import conftest
-from pyloader.netcluster import (Cluster, default_scenarios, default_topology, pod_gateway,
+from pyloader.lab.netcluster import (Cluster, default_scenarios, default_topology, pod_gateway,
                                  render, vtep_ip)
 
 SCENARIOS = default_scenarios()
@@ -297,7 +297,7 @@ class TestAttachBridge:
 # -- one node's agent killed and restarted mid-run --------------------------------------------
 PACED = r"""
 import json, os, sys, time
-from pyloader.trafficgen import connect, read_response, request
+from pyloader.lab.trafficgen import connect, read_response, request
 host, port, path, pause, per_conn, most, stop = sys.argv[1:8]
 port, pause, per_conn, most = int(port), float(pause), int(per_conn), int(most)
 i = 0

@@ -22,7 +22,7 @@ import time
 
 import pytest
 
-from conftest import AgentProc, tc_filters, tc_qdiscs
+from support.agentproc import AgentProc, tc_filters, tc_qdiscs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PRIO_FIRST, PRIO_LAST = 1, 60000  # redtap's filters sit at 0x5254 = 21076
@@ -68,7 +68,7 @@ char LICENSE[] SEC("license") = "GPL";
 
 CLIENT_LOOP = r"""
 import json, sys, time
-from pyloader.trafficgen import connect, read_response
+from pyloader.lab.trafficgen import connect, read_response
 host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
 ok, failed, errors, conns = 0, 0, [], 0
 end = time.monotonic() + seconds

@@ -22,8 +22,10 @@ import tomllib
 
 import pytest
 
-from pyloader import __version__, preflight
-from pyloader.netnode import pod_ip
+from pyloader import __version__
+
+from pyloader.kernel import preflight
+from pyloader.lab.netnode import pod_ip
 
 pytestmark = pytest.mark.skipif(os.environ.get("REDTAP_CONTAINER_TEST") != "1",
                                 reason="container test: `make test-container`")

@@ -10,7 +10,7 @@ control client is in the log) and counts whatever it could not record.
   socket), then SYNs carrying requests: state only for those, bounded.
 * one client pipelining 10,000 requests without reading.
 
-The clients and the holding server are tests/e2e/floodgen.py.
+The clients and the holding server are tests/support/floodgen.py.
 """
 from __future__ import annotations
 
@@ -25,11 +25,11 @@ import time
 
 import pytest
 
-from conftest import AgentProc
-from pyloader import abi
+from support import floodgen
+from support.agentproc import AgentProc
+from pyloader.kernel import abi
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-FLOODGEN = os.path.join(HERE, "floodgen.py")
+FLOODGEN = floodgen.__file__
 RSS_BOUND_KB = 256 * 1024  # the agent's max RSS under every flood (measured 55-110 MB)
 HOLD_PORT = 9000
 

@@ -1,5 +1,5 @@
 """End to end with Kubernetes metadata: the agent runs with only --kubeconfig and
---node-name (no --endpoint), talking HTTPS to tests/fakeapi.py served inside the
+--node-name (no --endpoint), talking HTTPS to lab/fakeapi.py served inside the
 node namespace; real servers and clients in pods; the API changes underneath.
 Every test checks the log against what the clients did and the API said."""
 from __future__ import annotations
@@ -15,10 +15,10 @@ from urllib.parse import urlsplit
 import pytest
 
 import conftest
-from conftest import client_lines
-from fakeapi import FakeApi
-from fakeobjs import make_pod, make_replicaset, make_service, make_slice
-from pyloader.netnode import EXT_IP, NODE_IP, UPLINK_IP
+from support.agentproc import client_lines
+from pyloader.lab.fakeapi import FakeApi
+from pyloader.lab.fakeobjs import make_pod, make_replicaset, make_service, make_slice
+from pyloader.lab.netnode import EXT_IP, NODE_IP, UPLINK_IP
 
 NODE, API_PORT = "node-a", 6443
 K8S_FIELDS = ("client.k8s.pod.name", "client.k8s.namespace.name", "server.k8s.pod.name",
@@ -375,7 +375,7 @@ def test_host_network_server_over_lo_and_uplink(node, api):
     api.put("pods", make_pod("node-exporter-h7", [UPLINK_IP], ns="monitoring", host_network=True,
                              ports=((9100, "metrics"),), owner=("DaemonSet", "node-exporter"),
                              host_ip=UPLINK_IP))
-    node.spawn(node.node_ns, sys.executable, "-m", "pyloader.testserver", "--port", "9100")
+    node.spawn(node.node_ns, sys.executable, "-m", "pyloader.lab.testserver", "--port", "9100")
     node.wait_port(node.node_ns, UPLINK_IP, 9100)
     a = AgentProc(node, "--kubeconfig", api.kc, "--node-name", NODE, "--host-iface", "lo",
                   "--host-iface", "uplink0", name="agent-hostnet").wait_started()

@@ -10,14 +10,10 @@ from collections import defaultdict
 
 import pytest
 
-from conftest import AgentProc
+from support import SHARED, llhttp_wire
+from support.agentproc import AgentProc
 
-HERE = os.path.dirname(__file__)
-sys.path.insert(0, HERE)
-import llhttp_wire  # noqa: E402
-
-VECTORS = os.path.join(os.environ.get("REDTAP_SHARED", os.path.join(HERE, "..", "..", "..", "shared")),
-                       "corpus", "vectors", "llhttp_vectors.jsonl")
+VECTORS = os.path.join(SHARED, "corpus", "vectors", "llhttp_vectors.jsonl")
 PORT = "9000"
 
 
@@ -37,9 +33,9 @@ def test_llhttp_vectors_over_real_tcp(node):
                       name="llhttp-agent").wait_started()
     try:
         slog, clog = os.path.join(node.dir, "ll-server.log"), os.path.join(node.dir, "ll-client.log")
-        node.spawn(server.ns, sys.executable, os.path.join(HERE, "llhttp_wire.py"), "server",
+        node.spawn(server.ns, sys.executable, llhttp_wire.__file__, "server",
                    VECTORS, PORT, slog)
-        node.ns_exec(client.ns, sys.executable, os.path.join(HERE, "llhttp_wire.py"), "client",
+        node.ns_exec(client.ns, sys.executable, llhttp_wire.__file__, "client",
                      VECTORS, server.ip, PORT, clog, timeout=600)
         recs = agent.new_records(sum(len(expected_of(v)) for v in vectors), timeout=30, settle=1)
     finally:

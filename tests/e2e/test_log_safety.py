@@ -17,9 +17,9 @@ import sys
 
 import pytest
 
-from conftest import AgentProc
-from pyloader import abi
-from pyloader.accesslog import _text
+from support.agentproc import AgentProc
+from pyloader.kernel import abi
+from pyloader.pipeline.record import _text
 
 SCHEMA = {"time", "client.address", "client.port", "server.address", "server.port",
           "http.request.method", "http.request.method_original", "url.path", "url.query",

@@ -15,9 +15,9 @@ import time
 
 import pytest
 
-from pyloader.netnode import pod_ip
+from pyloader.lab.netnode import pod_ip
 
-from conftest import AgentProc
+from support.agentproc import AgentProc
 
 FULL = 20_000
 ROTATE_AT = 600_000     # bytes in the live file: ~1,700 records (up to 6 rotations a run)

@@ -17,10 +17,10 @@ import pytest
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from pyloader import abi
-from pyloader.netnode import NODE_IP
+from pyloader.kernel import abi
+from pyloader.lab.netnode import NODE_IP
 
-from conftest import AgentProc, client_lines
+from support.agentproc import AgentProc, client_lines
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -11,8 +11,8 @@ from datetime import datetime, timedelta
 
 import pytest
 
-from conftest import AgentProc, client_lines
-from tshark_view import Capture, compare, p99, truth  # noqa: E402
+from support.agentproc import AgentProc, client_lines
+from support.tshark_view import Capture, compare, p99, truth  # noqa: E402
 
 NGINX, PY = 0, 1
 SLACK_MS = 0.1
@@ -145,7 +145,7 @@ def test_early_final_answer_to_expect_100_continue(node, fresh, tmp_path):
 def test_long_download_while_other_requests_go_by(node, fresh, tmp_path):
     server = node.pods[NGINX]
     with Capture(node, server.veth, str(tmp_path / "download.pcap"), "tcp port 80") as cap:
-        dl = node.spawn(node.pods[3].ns, sys.executable, "-m", "pyloader.trafficgen", "download",
+        dl = node.spawn(node.pods[3].ns, sys.executable, "-m", "pyloader.lab.trafficgen", "download",
                         server.ip, "80", "/files/1m.bin", "500")
         time.sleep(0.5)  # the download is under way (it takes about 2 s)
         cp = node.traffic(node.pods[2].ns, "keepalive", server.ip, "80", "30", "/status/d{i}")

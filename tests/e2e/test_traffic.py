@@ -9,9 +9,9 @@ from collections import Counter
 
 import pytest
 
-from pyloader import abi
+from pyloader.kernel import abi
 
-from conftest import AgentProc, client_lines
+from support.agentproc import AgentProc, client_lines
 
 NGINX, PY = 0, 1
 

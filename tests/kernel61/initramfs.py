@@ -105,7 +105,7 @@ def modules_for_tests() -> list[str]:
     """Files of every module the BPF tests import (pytest collection, in a
     child interpreter), to pick the site-packages to ship."""
     code = ("import sys, json, pytest; pytest.main(['--collect-only', '-q', '-p', "
-            "'no:cacheprovider', 'tests/bpf']); import pyloader.accesslog, pyloader.tracer; "
+            "'no:cacheprovider', 'tests/bpf']); import pyloader.output.accesslog, pyloader.kernel.tracer; "
             "print('@@' + json.dumps([getattr(m, '__file__', None) for m in list(sys.modules.values())]))")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
     line = [l for l in r.stdout.splitlines() if l.startswith("@@")]

@@ -8,7 +8,7 @@ import re
 
 import pytest
 
-from corpus_compare import CORPUS, compare
+from support.corpus_compare import CORPUS, compare
 
 PCAPS = sorted(os.listdir(os.path.join(CORPUS, "pcaps"))) if os.path.isdir(CORPUS) else []
 

@@ -10,8 +10,8 @@ import os
 
 import pytest
 
-from pyloader.replay import replay
-from tshark_view import compare, p99, truth
+from pyloader.tools.replay import replay
+from support.tshark_view import compare, p99, truth
 
 CAPTURES = sorted(glob.glob(os.path.join(os.path.dirname(__file__), "..", "captures", "*.pcap")))
 

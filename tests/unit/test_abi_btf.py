@@ -1,4 +1,4 @@
-"""The ctypes mirror in pyloader/abi.py against the BTF of the built object:
+"""The ctypes mirror in pyloader/kernel/abi.py against the BTF of the built object:
 same structures, sizes, field offsets and enum values (so C and Python
 cannot drift)."""
 from __future__ import annotations
@@ -9,8 +9,8 @@ import subprocess
 
 import pytest
 
-from pyloader import abi
-from pyloader.tracer import find_object
+from pyloader.kernel import abi
+from pyloader.kernel.tracer import find_object
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,8 @@ def test_struct_layout_matches_btf(btf, cname):
 
 def test_stat_indices_match_btf(btf):
     values = {v["name"]: v["val"] for v in btf[("ENUM", "stat_idx")]["values"]}
-    assert values.pop("S_NR") == len(abi.STATS) == len(abi.STAT_ENUMS)
-    assert {name: i for i, name in enumerate(abi.STAT_ENUMS)} == values
+    assert values.pop("S_NR") == len(abi.STAT_TABLE)
+    assert {enum: i for i, (_, enum) in enumerate(abi.STAT_TABLE)} == values
 
 
 def test_methods_match_btf(btf):

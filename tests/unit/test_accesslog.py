@@ -4,8 +4,10 @@ import os
 
 from hypothesis import given, settings, strategies as st
 
-from pyloader import abi
-from pyloader.accesslog import AccessLog, RecordBuilder
+from pyloader.kernel import abi
+from pyloader.output.accesslog import AccessLog
+
+from pyloader.pipeline.record import RecordBuilder
 
 V4 = b"\x00" * 10 + b"\xff\xff"
 

@@ -16,11 +16,12 @@ import struct
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pyloader import abi
-from pyloader.accesslog import AccessLog, RecordBuilder
-from pyloader.metrics import RedAggregate, RedCollector
-from pyloader.redact import Redactor
-from pyloader.routes import RouteComponent, RouteTable
+from pyloader.kernel import abi
+from pyloader.output.accesslog import AccessLog
+from pyloader.pipeline.record import RecordBuilder
+from pyloader.output.metrics import RedAggregate, RedCollector
+from pyloader.pipeline.redact import Redactor
+from pyloader.pipeline.routes import RouteComponent, RouteTable
 
 # every field a record may have (README "Access-log schema") and its type
 SCHEMA = {

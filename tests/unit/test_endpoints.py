@@ -1,6 +1,6 @@
 import pytest
 
-from pyloader.endpoints import parse_endpoint
+from pyloader.kernel.endpoints import parse_endpoint
 from pyloader.errors import ConfigError
 
 

@@ -1,5 +1,5 @@
 """Kubernetes metadata: time-aware naming, slices, this node's endpoints, and
-list-then-watch with the real client against tests/fakeapi.py over loopback."""
+list-then-watch with the real client against lab/fakeapi.py over loopback."""
 from __future__ import annotations
 
 import os
@@ -9,12 +9,12 @@ import types
 
 import pytest
 
-from fakeapi import FakeApi
-from fakeobjs import make_pod, make_replicaset, make_service, make_slice
-from pyloader.accesslog import AccessLog
-from pyloader.k8s_meta import K8sMeta, RecordTime
-from pyloader.k8s_state import MetaState, PodIndex, parse_pod
-from pyloader.k8s_watch import ListWatch, OwnerGetter, Timing, load_client
+from pyloader.lab.fakeapi import FakeApi
+from pyloader.lab.fakeobjs import make_pod, make_replicaset, make_service, make_slice
+from pyloader.output.accesslog import AccessLog
+from pyloader.k8s.meta import K8sMeta, RecordTime
+from pyloader.k8s.state import MetaState, PodIndex, parse_pod
+from pyloader.k8s.watch import ListWatch, OwnerGetter, Timing, load_client
 
 FAST = Timing(watch_timeout_s=5, connect_timeout_s=2, list_timeout_s=2, watch_slack_s=2,
               backoff_initial_s=0.05, backoff_max_s=0.4)
@@ -410,7 +410,7 @@ def test_in_cluster_config_uses_the_service_account(api, tmp_path):
 
 # -- the component: watches -> state -> the kernel's endpoint map -----------------------
 def test_component_keeps_the_kernel_map_in_step(api, tracer, tmp_path):
-    from pyloader.endpoints import parse_endpoint
+    from pyloader.kernel.endpoints import parse_endpoint
     tracer.endpoints.set([parse_endpoint("*")])  # what the agent starts with (no flags)
     log = AccessLog(str(tmp_path / "log"))
     agent = types.SimpleNamespace(tracer=tracer, accesslog=log,
@@ -475,7 +475,7 @@ def test_rbac_grants_exactly_what_the_agent_requests(api, tmp_path):
 def tracer():
     if os.geteuid() != 0:
         pytest.skip("needs root for bpf()")
-    from pyloader.tracer import Tracer
+    from pyloader.kernel.tracer import Tracer
     t = Tracer.load()
     yield t
     t.close()

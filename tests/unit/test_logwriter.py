@@ -10,7 +10,7 @@ import time
 import pytest
 
 from pyloader.errors import ConfigError
-from pyloader.logwriter import LogWriter, parse_size
+from pyloader.output.logwriter import LogWriter, parse_size
 
 
 def lines(n, start=0, pad=60):

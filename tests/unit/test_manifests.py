@@ -8,8 +8,8 @@ import re
 import pytest
 import yaml
 
-from pyloader import preflight
-from pyloader.accesslog import Clock
+from pyloader.kernel import preflight
+from pyloader.pipeline.record import Clock
 from pyloader.cli import build_parser
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -12,11 +12,13 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from pyloader import abi, top
+from pyloader.kernel import abi
+
+from pyloader.tools import top
 from pyloader.agent import Agent, AgentConfig
 from pyloader.errors import RedtapError
-from pyloader.metrics import (DURATION, LE, UNANSWERED, MetricsComponent, parse_addr)
-from pyloader.routes import RouteComponent, RouteTable
+from pyloader.output.metrics import (DURATION, LE, UNANSWERED, MetricsComponent, parse_addr)
+from pyloader.pipeline.routes import RouteComponent, RouteTable
 
 
 def rec(path="/users/1", status=200, ms=1.0, method="GET", addr="198.18.0.10", port=80, **k8s):
@@ -270,7 +272,7 @@ def test_dashboard_queries_use_only_exposed_metric_names():
 
 
 def test_idle_series_expire_and_busy_ones_stay():
-    from pyloader.metrics import GEN_S, SERIES_TTL_S
+    from pyloader.output.metrics import GEN_S, SERIES_TTL_S
     m = feed([rec("/gone", 200), rec("/gone", None), rec("/busy", 200)])
     for _ in range(int(SERIES_TTL_S // GEN_S) + 1):  # idle at least the TTL
         m.agg.next_generation()
@@ -282,7 +284,7 @@ def test_idle_series_expire_and_busy_ones_stay():
 
 
 def test_series_idle_less_than_the_ttl_stay():
-    from pyloader.metrics import GEN_S, SERIES_TTL_S
+    from pyloader.output.metrics import GEN_S, SERIES_TTL_S
     m = feed([rec("/quiet", 200)])
     for _ in range(int(SERIES_TTL_S // GEN_S)):  # updated late in generation 0: not idle enough
         m.agg.next_generation()

@@ -7,9 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pyloader.cli import _redact_components, build_parser
+from pyloader.cli import build_parser
+from pyloader.pipeline.stages import redaction
 from pyloader.errors import ConfigError
-from pyloader.redact import DEFAULT_KEYS, MASK, Redactor, parse_keys
+from pyloader.pipeline.redact import DEFAULT_KEYS, MASK, Redactor, parse_keys
 
 
 def rec(path="/p", query=None) -> dict:
@@ -112,21 +113,21 @@ def test_bad_key_lists_are_a_clear_error(bad):
 
 def test_cli_default_is_on_with_the_default_keys():
     args = build_parser().parse_args(["run"])
-    (comp,) = _redact_components(args)
+    (comp,) = redaction(args)
     assert isinstance(comp, Redactor) and comp.keys == DEFAULT_KEYS
 
 
 def test_cli_no_redact_turns_it_off():
     args = build_parser().parse_args(["run", "--no-redact"])
-    assert _redact_components(args) == []
+    assert redaction(args) == []
 
 
 def test_cli_redact_keys():
     args = build_parser().parse_args(["run", "--redact-keys", "pin,OTP"])
-    (comp,) = _redact_components(args)
+    (comp,) = redaction(args)
     assert comp.keys == ("pin", "otp")
     with pytest.raises(ConfigError):
-        _redact_components(build_parser().parse_args(["run", "--redact-keys", ""]))
+        redaction(build_parser().parse_args(["run", "--redact-keys", ""]))
 
 
 # -- property: nothing sensitive survives, nothing else changes ------------

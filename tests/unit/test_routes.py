@@ -8,7 +8,7 @@ import uuid
 import pytest
 
 from pyloader.errors import RedtapError
-from pyloader.routes import (OTHER_TARGET, OVERFLOW_ROUTE, RouteComponent, RoutePattern,
+from pyloader.pipeline.routes import (OTHER_TARGET, OVERFLOW_ROUTE, RouteComponent, RoutePattern,
                              RouteTable, looks_like_id, server_key, template_path)
 
 SRV = ("198.18.0.10", 80)

@@ -1,0 +1,116 @@
+"""The loaded redtap BPF object: programs, maps, counters, pending state."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pyloader.kernel import abi
+from pyloader.libbpf.object import BpfObject
+from pyloader.kernel.endpoints import EndpointTable
+from pyloader.errors import RedtapError
+
+PKG_OBJECT = Path(__file__).parent.parent / "data" / "redtap.bpf.o"
+
+
+def find_object(explicit: str | None = None) -> str:
+    """The BPF object: --bpf-object, $REDTAP_BPF_OBJECT, or the package's."""
+    for cand in (explicit, os.environ.get("REDTAP_BPF_OBJECT"), str(PKG_OBJECT)):
+        if cand and Path(cand).is_file():
+            return cand
+    raise RedtapError(f"BPF object not found (looked at {PKG_OBJECT}); build it with `make bpf`")
+
+
+class Tracer:
+    REQ_PROG, RESP_PROG = "redtap_req", "redtap_resp"
+    POD_REQ_PROG, POD_RESP_PROG = "redtap_pod_req", "redtap_pod_resp"
+
+    def __init__(self, obj: BpfObject):
+        self.obj = obj
+        self.req = obj.program(self.REQ_PROG)
+        self.resp = obj.program(self.RESP_PROG)
+        self.pod_req = obj.program(self.POD_REQ_PROG)
+        self.pod_resp = obj.program(self.POD_RESP_PROG)
+        self.endpoints = EndpointTable(obj.map("endpoints"), obj.map("settings"))
+        self.conns = obj.map("conns")      # 4-tuple -> connection state (FIFO head/tail)
+        self.pending = obj.map("pending")  # (4-tuple, number) -> a request waiting for its answer
+        self.stats_map = obj.map("stats", percpu=True)
+        self.events_fd = obj.map("events").fd
+
+    @classmethod
+    def load(cls, path: str | None = None, max_conns: int | None = None,
+             wakeup_bytes: int | None = None, clock_from_skb: bool = False) -> "Tracer":
+        """Open and load the object. clock_from_skb: take packet times from
+        skb->tstamp (offline replay through BPF_PROG_TEST_RUN)."""
+        obj = BpfObject.open(find_object(path))
+        try:
+            if max_conns:
+                obj.set_max_entries("conns", max_conns)
+                obj.set_max_entries("pending", max_conns)
+            if wakeup_bytes is not None:
+                obj.set_rodata("wakeup_bytes", int(wakeup_bytes).to_bytes(4, "little"))
+            if clock_from_skb:
+                obj.set_rodata("clock_from_skb", b"\x01")
+            obj.load()
+            return cls(obj)
+        except BaseException:
+            obj.close()
+            raise
+
+    def prog_fds(self) -> dict[str, tuple[int, int]]:
+        """(requests, responses) program fds per attach mode (TcAttacher)."""
+        return {"host": (self.req.fd, self.resp.fd), "pod": (self.pod_req.fd, self.pod_resp.fd)}
+
+    def stats(self) -> dict[str, int]:
+        """Kernel counters, summed over CPUs."""
+        out = {}
+        for i, name in enumerate(abi.STATS):
+            out[name] = sum(self.stats_map.percpu_u64(i.to_bytes(4, "little")))
+        return out
+
+    def connections(self):
+        """(ConnKey, ConnState) of every tracked connection (a snapshot)."""
+        for k, v in self.conns.items():
+            yield abi.ConnKey.from_buffer_copy(k), abi.ConnState.from_buffer_copy(v)
+
+    def take_request(self, key: abi.ConnKey, seq: int) -> abi.PendingReq | None:
+        """Remove and return pending request number @seq of a connection."""
+        rk = abi.ReqKey(conn=key, seq=seq)
+        raw = self.pending.lookup(rk)
+        if raw is None:
+            return None
+        self.pending.delete(rk)
+        return abi.PendingReq.from_buffer_copy(raw)
+
+    def take_pending(self, now_ns: int, idle_before_ns: int | None = None) -> list[abi.Event]:
+        """Remove connections (all, or those idle since before idle_before_ns)
+        and return their pending requests as events:
+        unanswered (R_IDLE), or answered without an end when their response
+        had started."""
+        out = []
+        for key, st in list(self.connections()):
+            if idle_before_ns is not None and st.last_ns > idle_before_ns:
+                continue
+            if not self.conns.delete(bytes(key)):
+                continue  # the kernel removed it meanwhile (FIN/RST)
+            for seq in range(st.head, (st.head + min(st.tail - st.head, abi.MAX_PIPELINE))):
+                seq &= 0xFFFFFFFF
+                r = self.take_request(key, seq)
+                if r is None:
+                    continue  # evicted from the LRU map: the agent counts lru_evicted_pending
+                flags = r.flags
+                if seq == st.head and st.resp_status:
+                    status, resp_ns, reason = st.resp_status, st.resp_first_ns, 0
+                else:
+                    status, resp_ns, reason = 0, now_ns, abi.R_IDLE
+                    flags |= abi.EV_UNANSWERED
+                url = bytes(r.url)[:min(r.url_len, abi.MAX_URL_LEN)]
+                out.append(abi.Event(
+                    req_ns=r.ts_ns, resp_ns=resp_ns, resp_last_ns=0, req_body=r.req_body,
+                    resp_body=0, caddr=bytes(key.caddr), saddr=bytes(key.saddr),
+                    cport=key.cport, sport=key.sport, status=status, url_len=len(url),
+                    method=r.method, version=r.version, flags=flags, reason=reason, ifindex=0,
+                    method_name=bytes(r.method_name), url=url))
+        return out
+
+    def close(self) -> None:
+        self.obj.close()
