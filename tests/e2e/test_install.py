@@ -64,12 +64,19 @@ def test_pip_install_compiles_the_bpf_object_into_the_package(installed):
     assert head[:4] == b"\x7fELF" and int.from_bytes(head[18:20], "little") == 247  # EM_BPF
 
 
+def test_the_lab_is_not_installed(installed):
+    """Demo and test tooling (pyloader.lab) stays in the source tree."""
+    _, site = installed
+    assert os.path.isdir(os.path.join(site, "pyloader", "kernel"))
+    assert not os.path.exists(os.path.join(site, "pyloader", "lab"))
+
+
 def test_installed_redtap_finds_and_loads_its_object(installed):
     _, site = installed
     if os.geteuid() != 0:
         pytest.skip("needs root for bpf()")
     r = run_installed(site, sys.executable, "-c",
-                      "from pyloader.tracer import Tracer, find_object\n"
+                      "from pyloader.kernel.tracer import Tracer, find_object\n"
                       "t = Tracer.load(); print(find_object()); t.close()")
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == os.path.join(site, "pyloader", "data", "redtap.bpf.o")

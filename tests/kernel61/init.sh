@@ -14,7 +14,7 @@ export HOME=/tmp PYTHONDONTWRITEBYTECODE=1 REDTAP_FUZZ_EXAMPLES=${REDTAP_FUZZ_EX
 echo "KERNEL61-UNAME=$(uname -r)"
 if [ -r /sys/kernel/btf/vmlinux ]; then echo "KERNEL61-BTF=yes"; else echo "KERNEL61-BTF=no"; fi
 cd "$REPO"
-if "$PYTHON" -c "from pyloader.tracer import Tracer; Tracer.load().close()" 2>/tmp/load.err; then
+if "$PYTHON" -c "from pyloader.kernel.tracer import Tracer; Tracer.load().close()" 2>/tmp/load.err; then
     echo "KERNEL61-LOAD=ok"
     "$PYTHON" -m pytest -q -p no:cacheprovider -o addopts= --color=no tests/bpf
     echo "KERNEL61-RC=$?"
