@@ -9,6 +9,9 @@ OUT     := build
 BPF_OBJ := $(OUT)/redtap.bpf.o
 PKG_OBJ := src/pyloader/data/redtap.bpf.o
 BPF_SRC := $(wildcard src/bpf/*.c src/bpf/*.h)
+CC      ?= cc
+# the agent's record helper (src/native: C called through ctypes, no CPython API)
+NATIVE_SO := src/pyloader/data/librecordfmt.so
 
 BPF_CFLAGS := $(shell sh src/bpf/cflags.sh)  # one source with setup.py
 
@@ -16,7 +19,11 @@ BPF_CFLAGS := $(shell sh src/bpf/cflags.sh)  # one source with setup.py
 
 all: bpf
 
-bpf: $(PKG_OBJ)
+bpf: $(PKG_OBJ) $(NATIVE_SO)
+
+$(NATIVE_SO): src/native/recordfmt.c src/bpf/redtap.h src/native/cflags.sh
+	mkdir -p $(dir $@)
+	$(CC) $(shell sh src/native/cflags.sh) -o $@ $<
 
 $(BPF_OBJ): $(BPF_SRC) vmlinux.h | $(OUT)
 	$(CLANG) $(BPF_CFLAGS) -c src/bpf/redtap.bpf.c -o $@
@@ -76,4 +83,4 @@ bench: venv bpf
 	$(PY) bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(OUT) $(PKG_OBJ)
+	rm -rf $(OUT) $(PKG_OBJ) $(NATIVE_SO)

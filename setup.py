@@ -5,7 +5,9 @@ into pyloader/data/redtap.bpf.o of the build, so an installed `redtap` finds
 its object without the source tree. Without clang (or with REDTAP_PREBUILT_BPF=1)
 it takes the prebuilt src/pyloader/data/redtap.bpf.o shipped in the package
 data (`make bpf` makes one); with neither it stops with a clear message.
-Everything else is declared in setup.cfg.
+It also compiles the agent's record helper (src/native/recordfmt.c, plain C
+called through ctypes) into pyloader/data/librecordfmt.so when a C compiler
+is there. Everything else is declared in setup.cfg.
 """
 import os
 import shutil
@@ -18,6 +20,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BPF_SRC = os.path.join("src", "bpf", "redtap.bpf.c")
 PREBUILT = os.path.join("src", "pyloader", "data", "redtap.bpf.o")
 CFLAGS_SH = os.path.join("src", "bpf", "cflags.sh")
+NATIVE_SRC = os.path.join("src", "native", "recordfmt.c")
+NATIVE_FLAGS = os.path.join("src", "native", "cflags.sh")
 
 
 def bpf_cflags():
@@ -46,6 +50,21 @@ class BuildPyWithBpf(build_py):
                 "redtap: cannot build the BPF object: clang not found "
                 f"(CLANG={os.environ.get('CLANG', 'clang')}) and no prebuilt {PREBUILT}. "
                 "Install clang and libbpf-dev, or run `make bpf` first.")
+        self.build_native(os.path.join(self.build_lib, "pyloader", "data", "librecordfmt.so"))
+
+    def build_native(self, target):
+        """The agent's record helper (src/native): without a C compiler the agent
+        renders every record in Python (same bytes, more CPU)."""
+        cc = next((shutil.which(c) for c in (os.environ.get("CC", ""), "cc", "gcc", "clang")
+                   if c and shutil.which(c)), None)
+        if not cc or not os.path.exists(os.path.join(HERE, NATIVE_SRC)):
+            self.announce("no C compiler: the record helper is not built", level=3)
+            return
+        flags = subprocess.run(["sh", NATIVE_FLAGS], check=True, cwd=HERE, capture_output=True,
+                               text=True).stdout.split()
+        cmd = [cc, *flags, "-o", target, NATIVE_SRC]
+        self.announce("compiling the record helper: " + " ".join(cmd), level=2)
+        subprocess.run(cmd, check=True, cwd=HERE)
 
 
 setup(cmdclass={"build_py": BuildPyWithBpf})

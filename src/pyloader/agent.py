@@ -17,6 +17,7 @@ from pyloader.kernel.endpoints import WILDCARD, Endpoint, host_addresses
 from pyloader.errors import RedtapError
 from pyloader.libbpf.ringbuf import RingBuffer
 from pyloader.output.summary import RedSummary
+from pyloader.pipeline.fastpath import FastPath
 from pyloader.kernel.tracer import Tracer
 
 log = logging.getLogger("redtap.agent")
@@ -40,6 +41,7 @@ class AgentConfig:
     idle_timeout_s: float = 60.0
     stats_interval_s: float = 60.0
     summary: bool = False             # print a R.E.D. table to stderr at exit
+    fast_path: bool = True            # render with the C helper where it applies
     components: list = field(default_factory=list)  # pyloader.pipeline.component.Component
 
 
@@ -75,6 +77,7 @@ class Agent:
         self.tracer: Tracer | None = None
         self.attacher: TcAttacher | None = None
         self.follower: BridgeFollower | None = None
+        self.fast: FastPath | None = None
 
     # -- setup -----------------------------------------------------------
     def start(self) -> None:
@@ -86,7 +89,9 @@ class Agent:
                                    backups=cfg.log_backups if cfg.log_max_bytes else 0,
                                    queue_lines=cfg.log_queue_lines)
         self.builder = RecordBuilder()
-        self.rb = RingBuffer(self.tracer.events_fd, max_batch=cfg.max_batch)
+        self.fast = FastPath.create(self) if cfg.fast_path else None
+        native = (self.fast.sample_fn, self.fast.ctx, self.fast.count) if self.fast else None
+        self.rb = RingBuffer(self.tracer.events_fd, max_batch=cfg.max_batch, native=native)
         self.attacher = TcAttacher(self.tracer.prog_fds())
         for name in cfg.ifaces:
             self.attacher.attach(self.attacher.ifindex(name), name, "pod")
@@ -107,7 +112,8 @@ class Agent:
             c.start(self)
         self.accesslog.event("redtap.start", endpoints=[str(e) for e in cfg.endpoints] or ["*"],
                              host_endpoints=[str(e) for e in self.tracer.endpoints.host_endpoints],
-                             interfaces=sorted(a.ifname for a in self.attacher.attached.values()))
+                             interfaces=sorted(a.ifname for a in self.attacher.attached.values()),
+                             record_path="native" if self.fast else "python")
         self.accesslog.flush()
 
     def emit(self, rec: dict) -> None:
@@ -142,6 +148,21 @@ class Agent:
         self.stats.batches += 1
         self.accesslog.flush()
         return n
+
+    def handle_native(self) -> int:
+        """The batch the C sink collected, through the fast path (pipeline/fastpath.py)."""
+        self.builder.clock.sync()
+        self.accesslog.flush()  # lines queued before this batch stay before it
+        n, bad = self.fast.handle()
+        self.stats.bad_events += bad
+        if n or bad:
+            self.stats.events += n
+            self.stats.batches += 1
+        return n
+
+    def handle_round(self, got) -> int:
+        """What one poll()/consume() returned: a count (native sink) or records."""
+        return self.handle_native() if self.fast else self.handle_batch(got)
 
     def sweep_idle(self, now_ns: int | None = None) -> int:
         """Report requests pending on connections idle past the timeout as
@@ -195,7 +216,7 @@ class Agent:
         next_stats = time.monotonic() + cfg.stats_interval_s
         try:
             while not self.stop_requested:
-                self.handle_batch(self.rb.poll(cfg.poll_ms))
+                self.handle_round(self.rb.poll(cfg.poll_ms))
                 now = time.monotonic()
                 for t in self.tickers:
                     t(now)
@@ -227,7 +248,7 @@ class Agent:
         if self.tracer:
             if getattr(self, "rb", None) and getattr(self, "accesslog", None):
                 for batch in self.rb.drain():
-                    self.handle_batch(batch)
+                    self.handle_round(batch)
                 for c in self.cfg.components:
                     try:
                         c.stop()
@@ -235,6 +256,8 @@ class Agent:
                         log.warning("stopping %s: %s", c.name, e)
                 self.log_counters(final=True)
                 self.rb.close()
+                if self.fast:
+                    self.fast.close()
                 if self.cfg.summary:
                     print(self.summary.table(), file=sys.stderr)
                 self.accesslog.close()

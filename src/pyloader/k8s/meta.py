@@ -62,6 +62,7 @@ class RecordTime:
 
 class K8sMeta(Component):
     name = "k8s"
+    fast_role = "k8s"
 
     def __init__(self, node: str, api_client, all_pods: bool = True,
                  timing: Timing | None = None, retention_s: float = 900.0):
@@ -76,6 +77,7 @@ class K8sMeta(Component):
         self.logged: set | None = None
         self.next_prune = 0.0
         self.named = {"client": 0, "server": 0, "service": 0}
+        self.changes = 0  # state changes applied (names may differ since)
 
     def start(self, agent) -> None:
         from kubernetes import client
@@ -98,6 +100,19 @@ class K8sMeta(Component):
         apply, inbox = self.state.apply, self.inbox
         while inbox:
             apply(*inbox.popleft())
+            self.changes += 1
+
+    def generation(self) -> tuple:
+        """Changes when any name a record may get can have changed (watch events
+        applied, history pruned, a workload resolved): names cached by the
+        pipeline's fast path are dropped then."""
+        return self.changes, len(self.owners.results) if self.owners else 0
+
+    def names_span(self, rec: dict) -> tuple[float, float]:
+        """The record times around this record's for which its connection's
+        names stay what they are (with generation() unchanged)."""
+        return self.state.names_span(rec["client.address"], rec["server.address"],
+                                     rec["server.port"], self.rec_time(rec["time"]))
 
     def tick(self, now: float) -> None:
         if self.inbox:
@@ -109,6 +124,7 @@ class K8sMeta(Component):
         if now >= self.next_prune:
             self.next_prune = now + 30
             self.state.prune(time.time() - self.retention_s)
+            self.changes += 1
 
     def sync_endpoints(self) -> None:
         """The kernel map := flags + this node's endpoints (keys added and removed

@@ -18,6 +18,7 @@ from datetime import datetime
 log = logging.getLogger("redtap.k8s")
 
 TERMINAL = ("Succeeded", "Failed")
+INF = float("inf")
 SERVICE_LABEL = "kubernetes.io/service-name"
 
 
@@ -115,6 +116,18 @@ class Timeline:
             if start <= t:
                 return value if end is None or t < end else None
         return None
+
+    def span(self, key, t: float) -> tuple:
+        """(at(key, t), lo, hi): at(key, u) is that same value for every u in [lo, hi)."""
+        h = self.d.get(key, ())
+        nxt = INF
+        for start, end, value in reversed(h):
+            if start <= t:
+                if end is None or t < end:
+                    return value, start, INF if end is None else end
+                return None, end, nxt
+            nxt = start
+        return None, -INF, nxt
 
     def prune(self, before: float) -> None:
         for key in list(self.d):
@@ -338,6 +351,24 @@ class MetaState:
 
     def client(self, addr: str, t: float) -> PodInfo | None:
         return self.all_pods.ips.at(addr, t) or self.node_pods.ips.at(addr, t)
+
+    def _server_lookups(self, addr: str, port: int):
+        return ((self.node_pods.host, (addr, port)), (self.node_pods.ips, addr),
+                (self.all_pods.host, (addr, port)), (self.all_pods.ips, addr))
+
+    def names_span(self, caddr: str, saddr: str, sport: int, t: float) -> tuple[float, float]:
+        """[lo, hi) around t in which client(), server() and the slices' service
+        names of this connection give what they give at t (the lookups as made)."""
+        lo, hi = -INF, INF
+        for lookups in (((self.all_pods.ips, caddr), (self.node_pods.ips, caddr)),
+                        self._server_lookups(saddr, sport),
+                        ((self.slices.names, (saddr, sport)),)):
+            for timeline, key in lookups:  # as `a or b or ...` evaluates them
+                value, a, b = timeline.span(key, t)
+                lo, hi = max(lo, a), min(hi, b)
+                if value:
+                    break
+        return lo, hi
 
     def prune(self, before: float) -> None:
         self.node_pods.prune(before)

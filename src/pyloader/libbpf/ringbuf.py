@@ -19,10 +19,15 @@ BATCH_FULL = -1000
 
 
 class RingBuffer:
-    def __init__(self, map_fd: int, max_batch: int = 0):
+    def __init__(self, map_fd: int, max_batch: int = 0, native: tuple | None = None):
         """max_batch: records per poll()/consume() at most (0: all there are).
         A bound keeps the memory of one batch (records, records, lines) small
-        when the consumer falls behind a full ring."""
+        when the consumer falls behind a full ring.
+
+        native: (address of a C ring_buffer_sample_fn, its ctx, a function
+        returning how many records ctx holds): the records go to that C sink
+        (no Python call per record) and poll()/consume() return that count;
+        the sink applies its own batch limit (returning BATCH_FULL)."""
         self._batch: list[bytes] = []
         batch, string_at = self._batch, ctypes.string_at
         limit = max_batch or (1 << 62)
@@ -32,8 +37,13 @@ class RingBuffer:
             return BATCH_FULL if len(batch) >= limit else 0
 
         # keep the CFUNCTYPE object alive as long as the ring buffer
-        self._cb = RING_BUFFER_SAMPLE_FN(_sample)
-        self._rb = lib().ring_buffer__new(map_fd, self._cb, None, None)
+        if native is not None:
+            fn, ctx, self._native_count = native
+            self._cb = RING_BUFFER_SAMPLE_FN(fn)
+        else:
+            ctx, self._native_count = None, None
+            self._cb = RING_BUFFER_SAMPLE_FN(_sample)
+        self._rb = lib().ring_buffer__new(map_fd, self._cb, ctx, None)
         if not self._rb:
             raise BpfError(last_errno(), "creating the ring buffer reader (ring_buffer__new)")
 
@@ -63,7 +73,9 @@ class RingBuffer:
                 return
             yield batch
 
-    def _take(self) -> list[bytes]:
+    def _take(self):
+        if self._native_count is not None:
+            return self._native_count()
         out = self._batch[:]
         self._batch.clear()
         return out

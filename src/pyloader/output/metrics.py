@@ -134,6 +134,29 @@ class RedAggregate:
                 h[SUM] += ms
                 h[GEN] = gen
 
+    def add_cells(self, cells) -> None:
+        """(series key, status or None, bucket counts, sum of ms) per cell: the
+        records of one batch counted by the fast path, as fold() counts them
+        (the sum added per cell: its last bits may differ from a per-record sum)."""
+        hist, unanswered, gen = self.hist, self.unanswered, self.gen
+        with self.lock:
+            for key, status, counts, sum_ms in cells:
+                if status is None:
+                    u = unanswered.get(key)
+                    if u is None:
+                        u = unanswered[key] = [0, gen]
+                    u[0] += counts[0]
+                    u[1] = gen
+                    continue
+                h = hist.get((key, status))
+                if h is None:
+                    h = hist[(key, status)] = [0] * NB + [0.0, gen]
+                for b, c in enumerate(counts):
+                    if c:
+                        h[b] += c
+                h[SUM] += sum_ms
+                h[GEN] = gen
+
     def next_generation(self) -> int:
         """Start a generation; drop series idle for SERIES_TTL_S. Returns how many."""
         keep = int(SERIES_TTL_S // GEN_S)
@@ -232,6 +255,7 @@ class MetricsComponent(Component):
     """Serves /metrics; feeds the aggregate per batch; snapshots counters."""
 
     name = "metrics"
+    fast_role = "metrics"
 
     def __init__(self, addr: str, routes: RouteTable | None = None):
         self.host, self.port = parse_addr(addr)
@@ -265,6 +289,10 @@ class MetricsComponent(Component):
 
     def observe(self, rec: dict) -> None:
         self.pending.append(rec)
+
+    def add_cells(self, cells) -> None:
+        """Series counts of records the fast path rendered (pipeline/fastpath.py)."""
+        self.agg.add_cells(cells)
 
     def tick(self, now: float) -> None:
         if self.pending:

@@ -14,6 +14,9 @@ from __future__ import annotations
 
 class Component:
     name = "component"
+    # which of the stages pipeline/fastpath.py knows this is (None: none of them;
+    # the agent then renders every record the reference way)
+    fast_role: str | None = None
 
     def start(self, agent) -> None:
         pass

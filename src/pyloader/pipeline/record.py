@@ -67,6 +67,16 @@ def _text(b: bytes) -> str:
         return b.decode("utf-8", "backslashreplace")
 
 
+def url_parts(url: bytes) -> tuple[str, str | None]:
+    """A request-target's path and query (None: no '?') as text."""
+    path, sep, query = url.partition(b"?")
+    try:
+        path = path.decode()
+    except UnicodeDecodeError:
+        path = _text(path)
+    return path, _text(query) if sep else None
+
+
 VERSIONS = {10: "1.0", 11: "1.1"}
 METHOD_NAMES = {i: m for i, m in enumerate(abi.METHODS) if m}
 EV_URL_TRUNCATED, EV_UNANSWERED = abi.EV_URL_TRUNCATED, abi.EV_UNANSWERED
@@ -89,11 +99,7 @@ class RecordBuilder:
         if wall_ns is None:
             wall_ns = req_ns + self.clock.offset_ns
         addr = self.addr
-        path, sep, query = url[:url_len].partition(b"?")
-        try:
-            path = path.decode()
-        except UnicodeDecodeError:
-            path = _text(path)
+        path, query = url_parts(url[:url_len])
         rec = {
             "time": self.clock.rfc3339(wall_ns),
             "client.address": addr(caddr),
@@ -105,8 +111,8 @@ class RecordBuilder:
         }
         if method == abi.M_OTHER:  # OpenTelemetry: the name as sent, beside "_OTHER"
             rec["http.request.method_original"] = _text(method_name.split(b" ", 1)[0].rstrip(b"\0"))
-        if sep:
-            rec["url.query"] = _text(query)
+        if query is not None:
+            rec["url.query"] = query
         if flags & EV_URL_TRUNCATED:
             rec["url.truncated"] = True
         v = VERSIONS.get(version)

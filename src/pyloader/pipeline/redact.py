@@ -61,6 +61,7 @@ class Redactor(Component):
     """Replaces the values of sensitive query parameters in `url.query`."""
 
     name = "redact"
+    fast_role = "redact"
 
     def __init__(self, keys=DEFAULT_KEYS, mask: str = MASK):
         self.keys = tuple(k.lower() for k in keys)
@@ -94,20 +95,23 @@ class Redactor(Component):
         """(the path with sensitive ;key=value parameters masked, how many were)."""
         return self._redact(_PATH_PARAM, path, ";")
 
-    def process(self, rec: dict) -> None:
+    def redact_url(self, path: str | None, query: str | None) -> tuple:
+        """(path, query, values masked) of a request-target; counts nothing."""
         n = 0
-        q = rec.get("url.query")
-        if q and "=" in q:
-            q, n = self.redact_query(q)
-            if n:
-                rec["url.query"] = q
-        p = rec.get("url.path")
-        if p and ";" in p:
-            p, m = self.redact_path(p)
-            if m:
-                rec["url.path"] = p
-                n += m
+        if query and "=" in query:
+            query, n = self.redact_query(query)
+        if path and ";" in path:
+            path, m = self.redact_path(path)
+            n += m
+        return path, query, n
+
+    def process(self, rec: dict) -> None:
+        path, query, n = self.redact_url(rec.get("url.path"), rec.get("url.query"))
         if n:
+            if path is not None:
+                rec["url.path"] = path
+            if query is not None:
+                rec["url.query"] = query
             self.values += n
             self.records += 1
 

@@ -203,6 +203,7 @@ class RouteComponent(Component):
     """Adds `http.route` to every access-log record (the raw `url.path` stays)."""
 
     name = "routes"
+    fast_role = "routes"
 
     def __init__(self, table: RouteTable | None = None):
         self.table = table or RouteTable()
