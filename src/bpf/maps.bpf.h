@@ -1,0 +1,103 @@
+/* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
+/* maps.bpf.h: maps */
+#ifndef __REDTAP_MAPS_BPF_H
+#define __REDTAP_MAPS_BPF_H
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__uint(max_entries, MAX_ENDPOINTS);
+	__type(key, struct endpoint_key);
+	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct settings);
+} settings SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_CONNS);
+	__type(key, struct conn_key);
+	__type(value, struct conn_state);
+} conns SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, MAX_PENDING);
+	__type(key, struct req_key);
+	__type(value, struct pending_req);
+} pending SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 8 * 1024 * 1024); /* ~22k events of burst */
+} events SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, S_NR);
+	__type(key, __u32);
+	__type(value, __u64);
+} stats SEC(".maps");
+
+/* What one step of walking a segment needs (global functions take at
+ * most 5 arguments and no pointers inside structs). */
+struct walk_args {
+	struct conn_key key;
+	__u64 now;
+	__u32 payload_off;
+	__u32 payload_len;
+	__u32 off;        /* payload offset of the next unparsed byte */
+	__u32 ifindex;
+	__u32 seq;        /* TCP sequence number of the payload's first byte */
+	__u32 ack;        /* TCP acknowledgement number of the segment */
+	__u32 is_req;
+	__u32 pad;
+};
+
+/* What an event carries besides the pending request. */
+struct emit_args {
+	__u64 resp_ns;      /* first response byte, or when given up */
+	__u64 last_ns;      /* last response byte (EV_RESP_END)      */
+	__u64 resp_body;    /* EV_RESP_BODY                          */
+	__u32 ifindex;
+	__u16 status;       /* 0: unanswered                         */
+	__u8 reason;        /* enum unanswered_reason                */
+	__u8 flags;         /* extra EV_* flags                      */
+};
+
+/* per-CPU scratch space: too big for the 512-byte stack */
+struct scratch {
+	struct pkt pkt;        /* handle()                */
+	struct endpoint_key ek;
+	struct walk_args wa;   /* handle() -> walk_step() */
+	struct emit_args ea;   /* finish_response(), flush_pending() -> emit() */
+	struct req_key ekey;   /* emit()                  */
+	__u8 hdr[32];          /* first bytes of a message */
+	struct head_scan scan;
+	struct req_key rkey;
+	struct pending_req req;
+	struct conn_state conn;
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scratch);
+} scratch_map SEC(".maps");
+
+static __always_inline void stat_add(__u32 idx, __u64 n)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+
+	if (v)
+		*v += n;
+}
+#define stat_inc(idx) stat_add(idx, 1)
+
+#endif /* __REDTAP_MAPS_BPF_H */
