@@ -72,17 +72,4 @@ static long seq_wait_try(__u32 i, void *ctx)
 	return 0;
 }
 
-/* Would bytes missing before @seq lose the stream's sync? */
-static __always_inline int gap_loses_sync(struct stream_state *st, __u32 seq)
-{
-	__s32 d = (__s32)(seq - st->next_seq);
-
-	if (!st->seq_valid || d <= 0 || st->mode == SM_TUNNEL || st->mode == SM_UNSYNC ||
-	    st->mode == SM_UNTIL_CLOSE)
-		return 0;
-	if ((st->mode == SM_BODY || st->mode == SM_CHUNK_DATA) && st->body_left >= (__u64)d)
-		return 0;
-	return 1;
-}
-
 #endif /* __REDTAP_CLAIM_BPF_H */
