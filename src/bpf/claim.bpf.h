@@ -72,4 +72,16 @@ static long seq_wait_try(__u32 i, void *ctx)
 	return 0;
 }
 
+/* Wait for @st (claimed by this CPU: the claim is released) to reach
+ * @seq. Returns 1 if it did. The caller re-reads the connection and claims
+ * it again. */
+static __always_inline int wait_for_seq(struct stream_state *st, __u32 seq)
+{
+	struct seq_wait_ctx w = { .st = st, .seq = seq, .ok = 0 };
+
+	release(&st->busy);
+	bpf_loop(REORDER_WAIT_TRIES, seq_wait_try, &w, 0);
+	return w.ok;
+}
+
 #endif /* __REDTAP_CLAIM_BPF_H */

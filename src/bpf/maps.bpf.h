@@ -1,8 +1,17 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
-/* maps.bpf.h: maps */
+/* maps.bpf.h: the maps shared with user space, the per-CPU scratch space
+ * and the counters (stat_add).
+ *
+ * Map names, key and value types are ABI: the agent opens the maps by
+ * name and src/pyloader/abi.py mirrors their types. */
 #ifndef __REDTAP_MAPS_BPF_H
 #define __REDTAP_MAPS_BPF_H
 
+#include "redtap.h"
+#include "parse.bpf.h"
+#include "http.bpf.h"
+
+/* Traced servers (written by user space): struct endpoint_key -> EP_* */
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__uint(max_entries, MAX_ENDPOINTS);
@@ -11,6 +20,7 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } endpoints SEC(".maps");
 
+/* Settings written by user space: one struct settings */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__uint(max_entries, 1);
@@ -18,6 +28,7 @@ struct {
 	__type(value, struct settings);
 } settings SEC(".maps");
 
+/* Tracked connections: the 4-tuple (client -> server) -> both streams and the FIFO */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, MAX_CONNS);
@@ -25,6 +36,7 @@ struct {
 	__type(value, struct conn_state);
 } conns SEC(".maps");
 
+/* Requests waiting for their response: (connection, request number) -> request */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, MAX_PENDING);
@@ -32,11 +44,13 @@ struct {
 	__type(value, struct pending_req);
 } pending SEC(".maps");
 
+/* struct http_event records to user space (pairing.bpf.h: emit()) */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 8 * 1024 * 1024); /* ~22k events of burst */
 } events SEC(".maps");
 
+/* Per-CPU counters, indexed by enum stat_idx: stat_add() */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
 	__uint(max_entries, S_NR);
@@ -59,7 +73,15 @@ struct walk_args {
 	__u32 pad;
 };
 
-/* What an event carries besides the pending request. */
+/* The stream a walk goes through: requests or responses of @conn. */
+static __always_inline struct stream_state *walk_stream(struct conn_state *conn,
+							 const struct walk_args *args)
+{
+	return args->is_req ? &conn->req : &conn->resp;
+}
+
+/* What an event carries besides the pending request: the request's
+ * outcome (answered, or why not). */
 struct emit_args {
 	__u64 resp_ns;      /* first response byte, or when given up */
 	__u64 last_ns;      /* last response byte (EV_RESP_END)      */
@@ -91,6 +113,15 @@ struct {
 	__type(value, struct scratch);
 } scratch_map SEC(".maps");
 
+/* This CPU's scratch space (NULL only to satisfy the verifier). */
+static __always_inline struct scratch *get_scratch(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&scratch_map, &zero);
+}
+
+/* Add @n to counter @idx (enum stat_idx) of this CPU. */
 static __always_inline void stat_add(__u32 idx, __u64 n)
 {
 	__u64 *v = bpf_map_lookup_elem(&stats, &idx);

@@ -1,137 +1,255 @@
 /* SPDX-License-Identifier: (LGPL-2.1 OR BSD-2-Clause) */
-/* pairing.bpf.h: pairing */
+/* pairing.bpf.h: requests and their responses.
+ *
+ * Each connection keeps a FIFO of its pending requests (conn_state head..
+ * tail-1, the requests themselves in the `pending` map): the request side
+ * pushes, the response side pops, pairing the n-th final response with
+ * the n-th request. Whatever cannot be paired for sure (lost data,
+ * pipelining across a gap, a reset) is reported unanswered with a reason,
+ * never mispaired. Events leave through the `events` ring buffer (emit()).
+ *
+ * Reads wakeup_bytes, a .rodata tunable of redtap.bpf.c. */
 #ifndef __REDTAP_PAIRING_BPF_H
 #define __REDTAP_PAIRING_BPF_H
 
-/* Send request number @seq of a connection (answered or not) to user
- * space, and forget it. A request evicted from `pending` is counted. */
-__noinline int emit(struct conn_key *key, __u32 seq, struct emit_args *ea)
-{
-	struct pending_req *r;
-	struct http_event *e;
-	struct req_key *k;
-	struct scratch *sc;
-	__u32 zero = 0;
+#include "redtap.h"
+#include "maps.bpf.h"
 
-	sc = bpf_map_lookup_elem(&scratch_map, &zero);
-	if (!key || !ea || !sc)
+/* Fill @dst (a struct req_key) with the `pending` key of request number
+ * @number of connection @key (a struct conn_key); yields &@dst. A
+ * macro: the 40-byte key is copied with the alignment its place is known
+ * to have (a function's pointer argument would forget it, and copy 4 bytes
+ * at a time). */
+#define PENDING_KEY(dst, key, number) ({		\
+	(dst).conn = (key);			\
+	(dst).seq = (number);			\
+	(dst).pad = 0;				\
+	&(dst);					\
+})
+
+/* Send request number @seq of connection @key to user space with its
+ * @outcome (answered or not), and forget it. A request evicted from
+ * `pending` is counted instead. Returns 0. A global function (verified once). */
+__noinline int emit(struct conn_key *key, __u32 seq, struct emit_args *outcome)
+{
+	struct scratch *scratch = get_scratch();
+	struct http_event *event;
+	struct pending_req *req;
+	struct req_key *rkey;
+
+	if (!key || !outcome || !scratch)
 		return 0;
-	k = &sc->ekey;
-	k->conn = *key;
-	k->seq = seq;
-	k->pad = 0;
-	r = bpf_map_lookup_elem(&pending, k);
-	if (!r) {
+	rkey = PENDING_KEY(scratch->ekey, *key, seq);
+	req = bpf_map_lookup_elem(&pending, rkey);
+	if (!req) {
 		stat_inc(S_REQ_EVICTED);
 		return 0;
 	}
-	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
-	if (!e) {
+	event = bpf_ringbuf_reserve(&events, sizeof(*event), 0);
+	if (!event) {
 		stat_inc(S_RINGBUF_FULL);
 		goto out;
 	}
 	/* reserve -> fill -> submit; wake the reader only for a batch */
-	e->req_ns = r->ts_ns;
-	e->resp_ns = ea->resp_ns;
-	e->resp_last_ns = ea->last_ns;
-	e->req_body = r->req_body;
-	e->resp_body = ea->resp_body;
-	e->conn = *key;
-	e->status = ea->status;
-	e->url_len = r->url_len > MAX_URL_LEN ? MAX_URL_LEN : r->url_len;
-	e->method = r->method;
-	e->version = r->version;
-	e->flags = r->flags | ea->flags | (ea->reason ? EV_UNANSWERED : 0);
-	e->reason = ea->reason;
-	e->ifindex = ea->ifindex;
-	e->pad = 0;
-	__builtin_memcpy(e->method_name, r->method_name, METHOD_NAME_LEN);
-	__builtin_memcpy(e->url, r->url, MAX_URL_LEN);
+	event->req_ns = req->ts_ns;
+	event->resp_ns = outcome->resp_ns;
+	event->resp_last_ns = outcome->last_ns;
+	event->req_body = req->req_body;
+	event->resp_body = outcome->resp_body;
+	event->conn = *key;
+	event->status = outcome->status;
+	event->url_len = req->url_len > MAX_URL_LEN ? MAX_URL_LEN : req->url_len;
+	event->method = req->method;
+	event->version = req->version;
+	event->flags = req->flags | outcome->flags | (outcome->reason ? EV_UNANSWERED : 0);
+	event->reason = outcome->reason;
+	event->ifindex = outcome->ifindex;
+	event->pad = 0;
+	__builtin_memcpy(event->method_name, req->method_name, METHOD_NAME_LEN);
+	__builtin_memcpy(event->url, req->url, MAX_URL_LEN);
 	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
-	bpf_ringbuf_submit(e, avail >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
+	bpf_ringbuf_submit(event, avail >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 	stat_inc(S_EVENTS);
-	if (ea->reason)
+	if (outcome->reason)
 		stat_inc(S_UNANSWERED);
 out:
-	bpf_map_delete_elem(&pending, k);
+	bpf_map_delete_elem(&pending, rkey);
 	return 0;
 }
 
-/* The response to the FIFO head is complete (or will not be followed
- * further): send it and pop the head. @end_flags: EV_RESP_END|EV_RESP_BODY
- * when the last byte and the body size are known. */
+/* Pop the FIFO's head (there is one): send it with @outcome. */
+static __always_inline void fifo_pop(struct conn_key *key, struct conn_state *conn,
+				     struct emit_args *outcome)
+{
+	emit(key, conn->head, outcome);
+	conn->head++;
+	stat_inc(S_PENDING_POPPED);
+}
+
+/* No room for another request: the FIFO is full, or requests were
+ * skipped already (their responses come first: the next one must follow). */
+static __always_inline int fifo_full(const struct conn_state *conn)
+{
+	return conn->overflow || conn->tail - conn->head >= MAX_PIPELINE;
+}
+
+/* A request is not queued: its response will be skipped (counted in
+ * conn->overflow), so that it pairs with no other request. */
+static __always_inline void fifo_skip(struct conn_state *conn)
+{
+	/* atomic: the response side decrements it on another CPU */
+	__sync_fetch_and_add(&conn->overflow, 1);
+}
+
+/* Queue scratch->req as request number conn->tail of @args' connection.
+ * Returns 1, or 0 when it could not be stored (counted, and skipped:
+ * fifo_skip()). */
+static __always_inline int fifo_push(struct conn_state *conn, const struct walk_args *args,
+				     struct scratch *scratch)
+{
+	if (bpf_map_update_elem(&pending, PENDING_KEY(scratch->rkey, args->key, conn->tail),
+				&scratch->req, BPF_ANY)) {
+		stat_inc(S_PENDING_MAP_FULL);
+		fifo_skip(conn);
+		return 0;
+	}
+	conn->tail++;
+	stat_inc(S_PENDING_PUSHED);
+	return 1;
+}
+
+/* Two __u32 arguments in one, for global functions (at most 5 arguments). */
 #define FLAGS_IF(flags, ifindex) ((__u64)(flags) << 32 | (__u32)(ifindex))
-/* @flags_if: FLAGS_IF(end_flags, ifindex). A global function (verified once). */
-__noinline int finish_response(struct conn_key *key, struct conn_state *c, __u64 flags_if,
+
+/* The response to the FIFO head is complete (or will not be followed
+ * further): send it and pop the head. @flags_if: FLAGS_IF(end_flags,
+ * ifindex), @end_flags EV_RESP_END|EV_RESP_BODY when the last byte
+ * (@last_ns) and the body size are known. No response in progress: nothing
+ * to do. Returns 0. A global function (verified once). */
+__noinline int finish_response(struct conn_key *key, struct conn_state *conn, __u64 flags_if,
 			       __u64 last_ns)
 {
 	__u8 end_flags = flags_if >> 32;
-	__u32 ifindex = (__u32)flags_if, zero = 0;
-	struct scratch *sc = bpf_map_lookup_elem(&scratch_map, &zero);
-	struct emit_args *ea;
+	__u32 ifindex = (__u32)flags_if;
+	struct scratch *scratch = get_scratch();
+	struct emit_args *outcome;
 
-	if (!key || !c || !sc || !c->resp_status)
+	if (!key || !conn || !scratch || !conn->resp_status)
 		return 0;
-	if (c->head != c->tail) {
-		ea = &sc->ea;
-		ea->resp_ns = c->resp_first_ns;
-		ea->last_ns = (end_flags & EV_RESP_END) ? last_ns : 0;
-		ea->resp_body = c->resp.body_seen;
-		ea->ifindex = ifindex;
-		ea->status = c->resp_status;
-		ea->reason = R_NONE;
-		ea->flags = end_flags;
-		emit(key, c->head, ea);
-		c->head++;
-		stat_inc(S_PENDING_POPPED);
+	if (conn->head != conn->tail) {
+		outcome = &scratch->ea;
+		outcome->resp_ns = conn->resp_first_ns;
+		outcome->last_ns = (end_flags & EV_RESP_END) ? last_ns : 0;
+		outcome->resp_body = conn->resp.body_seen;
+		outcome->ifindex = ifindex;
+		outcome->status = conn->resp_status;
+		outcome->reason = R_NONE;
+		outcome->flags = end_flags;
+		fifo_pop(key, conn, outcome);
 	}
-	c->resp_status = 0;
+	conn->resp_status = 0;
 	return 0;
 }
 
-/* Report every pending request as unanswered (@reason); resp_ns of such
- * an event is the time it was given up. */
-/* @reason_if: FLAGS_IF(reason, ifindex). A global function (verified once). */
-__noinline int flush_pending(struct conn_key *key, struct conn_state *c, __u64 reason_if,
+/* finish_response()'s end flags for a body that ended with @stream's
+ * last byte: a body with unseen bytes ended at an unknown time. */
+static __always_inline __u8 body_end_flags(const struct stream_state *stream)
+{
+	return stream->body_gap ? EV_RESP_BODY : EV_RESP_END | EV_RESP_BODY;
+}
+
+/* Report every pending request before number @until as unanswered
+ * (@reason_if: FLAGS_IF(reason, ifindex)); resp_ns of such an event is
+ * @now, when it was given up. Returns 0. A global function (verified once). */
+__noinline int flush_pending(struct conn_key *key, struct conn_state *conn, __u64 reason_if,
 			     __u64 now, __u32 until)
 {
 	__u8 reason = reason_if >> 32;
-	__u32 ifindex = (__u32)reason_if, zero = 0;
-	struct scratch *sc = bpf_map_lookup_elem(&scratch_map, &zero);
-	struct emit_args *ea;
+	__u32 ifindex = (__u32)reason_if;
+	struct scratch *scratch = get_scratch();
+	struct emit_args *outcome;
 
-	if (!key || !c || !sc)
+	if (!key || !conn || !scratch)
 		return 0;
-	ea = &sc->ea;
-	__builtin_memset(ea, 0, sizeof(*ea));
-	ea->resp_ns = now;
-	ea->ifindex = ifindex;
-	ea->reason = reason;
+	outcome = &scratch->ea;
+	__builtin_memset(outcome, 0, sizeof(*outcome));
+	outcome->resp_ns = now;
+	outcome->ifindex = ifindex;
+	outcome->reason = reason;
 	for (int i = 0; i < MAX_PIPELINE; i++) {
-		if (c->head == c->tail || c->head == until)
+		if (conn->head == conn->tail || conn->head == until)
 			break;
-		emit(key, c->head, ea);
-		c->head++;
-		stat_inc(S_PENDING_POPPED);
+		fifo_pop(key, conn, outcome);
 		if (reason == R_LOST)
 			stat_inc(S_RESYNC_DROPPED);
 	}
 	return 0;
 }
 
-#define ST(c, a) ((a)->is_req ? &(c)->req : &(c)->resp)
-
-/* Requests queued so far will get no answer we can pair: the response
- * side reports them (R_LOST) before it looks at its next segment. Only the
- * response side pops the FIFO, so two CPUs never pop the same request. */
-static __always_inline void mark_lost(struct conn_state *c)
+/* The response in progress ends unfinished (its framing is lost) and the
+ * pending requests before number @until are reported unanswered (@reason). */
+static __always_inline void report_unanswered(struct conn_key *key, struct conn_state *conn,
+					      __u8 reason, __u32 ifindex, __u64 now, __u32 until)
 {
-	c->lost_until = c->tail;
-	c->lost_pending = 1;
+	finish_response(key, conn, FLAGS_IF(0, ifindex), 0);
+	flush_pending(key, conn, FLAGS_IF(reason, ifindex), now, until);
 }
 
-/* A stream lost track of message boundaries (gap, garbage, bad framing,
- * more messages in a segment than it follows).
+/* The server closed (FIN, seen at @now): a close-delimited body ends
+ * here, and nothing else pending can be answered now (R_SERVER_FIN). */
+static __always_inline void server_closed(struct conn_key *key, struct conn_state *conn,
+					  __u32 ifindex, __u64 now)
+{
+	if (conn->resp.mode == SM_UNTIL_CLOSE)
+		finish_response(key, conn, FLAGS_IF(body_end_flags(&conn->resp), ifindex),
+				conn->resp.last_data_ns);
+	else
+		finish_response(key, conn, FLAGS_IF(0, ifindex), 0);
+	flush_pending(key, conn, FLAGS_IF(R_SERVER_FIN, ifindex), now, conn->tail);
+}
+
+/* Requests queued so far will get no answer we can pair: the response
+ * side reports them (R_LOST, report_marked_lost()) before it looks at its
+ * next segment. Only the response side pops the FIFO, so two CPUs never
+ * pop the same request. */
+static __always_inline void mark_lost(struct conn_state *conn)
+{
+	conn->lost_until = conn->tail;
+	conn->lost_pending = 1;
+}
+
+/* On the response side: report what the request side marked lost. */
+static __always_inline void report_marked_lost(struct conn_key *key, struct conn_state *conn,
+					       __u32 ifindex, __u64 now)
+{
+	if (!conn->lost_pending)
+		return;
+	conn->lost_pending = 0;
+	report_unanswered(key, conn, R_LOST, ifindex, now, conn->lost_until);
+}
+
+/* A request (number conn->tail) arrives while others are pending:
+ * pipelining, or were their answers lost before we saw them? The client's
+ * ACK (@ack) tells: if it has received response bytes we have not seen,
+ * answers were lost. */
+static __always_inline void request_behind_pending(struct conn_state *conn, __u32 ack)
+{
+	if (conn->tail == conn->head || conn->overflow)
+		return;
+	if (conn->resp.seq_valid && (__s32)(ack - conn->resp.next_seq) > 0) {
+		stat_inc(S_GAP);
+		mark_lost(conn);
+		conn->resp.mode = SM_UNSYNC;
+		conn->resp.next_seq = ack; /* received by the client, unseen by us */
+		conn->check_on = 2;
+	} else {
+		conn->pipelined = 1;
+	}
+}
+
+/* A stream (@stream, of @args' direction) lost track of message boundaries
+ * (gap, garbage, bad framing, more messages in a segment than it follows):
+ * count it (@why, enum stat_idx) and look for a message start again.
  * A pipelining client: how many requests were missed, or which response
  * answers which, cannot be known any more, so the connection is given up
  * (counted) and its pending requests reported (R_LOST), never mispaired.
@@ -139,48 +257,53 @@ static __always_inline void mark_lost(struct conn_state *c)
  * response tells whether it can answer the next request
  * (check_early_response). Responses lost: the pending requests are
  * reported (R_LOST). */
-static __always_inline void lost_sync(struct conn_state *c, struct walk_args *a)
+static __always_inline void lose_sync(struct conn_state *conn, struct walk_args *args,
+				      struct stream_state *stream, __u32 why)
 {
-	if (!a->is_req) {
-		finish_response(&a->key, c, FLAGS_IF(0, a->ifindex), 0);
-		flush_pending(&a->key, c, FLAGS_IF(R_LOST, a->ifindex), a->now, c->tail);
-	} else if (c->pipelined) {
-		mark_lost(c); /* the response side reports them: it alone pops */
+	stat_inc(why);
+	stream->mode = SM_UNSYNC;
+	if (!args->is_req) {
+		/* report_unanswered(), spelled out: reading args after the calls
+		 * leaves fewer values to keep across them */
+		finish_response(&args->key, conn, FLAGS_IF(0, args->ifindex), 0);
+		flush_pending(&args->key, conn, FLAGS_IF(R_LOST, args->ifindex), args->now,
+			      conn->tail);
+	} else if (conn->pipelined) {
+		mark_lost(conn); /* the response side reports them: it alone pops */
 	}
-	if (c->pipelined) {
-		c->req.mode = SM_TUNNEL;
-		c->resp.mode = SM_TUNNEL;
+	if (conn->pipelined) {
+		conn->req.mode = SM_TUNNEL;
+		conn->resp.mode = SM_TUNNEL;
 		stat_inc(S_GIVEN_UP);
 	}
-	c->check_on = 2;
+	conn->check_on = 2;
 }
 
-/* A message body ended (@size bytes). */
-static __always_inline void message_done(struct conn_state *c, struct walk_args *a,
+/* A message of @args' direction ended, with @size body bytes: a request's
+ * body size goes to its pending entry (if it was queued), a response is
+ * sent. */
+static __always_inline void message_done(struct conn_state *conn, struct walk_args *args,
 					 __u64 size)
 {
-	if (a->is_req) {
-		__u32 zero = 0;
-		struct scratch *sc = bpf_map_lookup_elem(&scratch_map, &zero);
+	if (args->is_req) {
+		struct scratch *scratch = get_scratch();
 
-		if (sc && c->req_pushed && c->tail != c->head) {
-			struct pending_req *r;
+		if (scratch && conn->req_pushed && conn->tail != conn->head) {
+			struct req_key *rkey;
+			struct pending_req *req;
 
-			sc->rkey.conn = a->key;
-			sc->rkey.seq = c->tail - 1;
-			sc->rkey.pad = 0;
-			r = bpf_map_lookup_elem(&pending, &sc->rkey);
-			if (r) {
-				r->req_body = size > 0xffffffffULL ? 0xffffffff : size;
-				r->flags |= EV_REQ_BODY;
+			rkey = PENDING_KEY(scratch->rkey, args->key, conn->tail - 1);
+			req = bpf_map_lookup_elem(&pending, rkey);
+			if (req) {
+				req->req_body = size > 0xffffffffULL ? 0xffffffff : size;
+				req->flags |= EV_REQ_BODY;
 			}
 		}
-		c->req_pushed = 0;
+		conn->req_pushed = 0;
 	} else {
-		/* a body with unseen bytes ended at an unknown time */
-		__u8 end = c->resp.body_gap ? EV_RESP_BODY : EV_RESP_END | EV_RESP_BODY;
+		__u8 end_flags = body_end_flags(&conn->resp);
 
-		finish_response(&a->key, c, FLAGS_IF(end, a->ifindex), a->now);
+		finish_response(&args->key, conn, FLAGS_IF(end_flags, args->ifindex), args->now);
 	}
 }
 

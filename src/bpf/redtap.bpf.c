@@ -20,19 +20,32 @@
  *
  * All always return TC_ACT_UNSPEC: packets are never changed or dropped,
  * and the next filter on the hook still runs.
+ *
+ * One compilation unit: this file keeps the tunables, the entry points and
+ * handle(); the workers are static inline (or global, verified once)
+ * functions in the headers, each using only those included before it:
+ *   parse.bpf.h    Ethernet / IPv4 / IPv6 / TCP headers of a packet
+ *   http.bpf.h     HTTP/1.x start lines and the head scan
+ *   stream.bpf.h   one direction: sequence tracking, body framing, chunks
+ *   claim.bpf.h    one CPU at a time per direction; overtaken segments
+ *   maps.bpf.h     the maps, the per-CPU scratch space, the counters
+ *   pairing.bpf.h  the FIFO of pending requests, events, unanswered ones
+ *   message.bpf.h  request and response heads
+ *   walk.bpf.h     the walk through a segment's new bytes
+ * A segment goes the other way: handle() -> walk -> message -> pairing.
  */
 #include "vmlinux.h"
 #include <bpf/bpf_helpers.h>
 #include <bpf/bpf_endian.h>
 
 #include "redtap.h"
-#include "parse.bpf.h"
-#include "http.bpf.h"
-#include "stream.bpf.h"
-#include "claim.bpf.h"
+
 #define TC_ACT_UNSPEC_ (-1)
 
 char LICENSE[] SEC("license") = "Dual BSD/GPL";
+
+/* Tunables (.rodata, set by the loader before load; read by the headers
+ * below too). */
 
 /* Wake the consumer only when this much data waits; it also polls on a
  * timer, so small amounts are picked up within its poll interval. */
@@ -51,23 +64,30 @@ enum stream_mode abi_stream_mode __attribute__((unused));
 enum endpoint_flags abi_endpoint_flags __attribute__((unused));
 struct settings *abi_settings __attribute__((unused));
 
+#include "parse.bpf.h"
+#include "http.bpf.h"
+#include "stream.bpf.h"
+#include "claim.bpf.h"
 #include "maps.bpf.h"
 #include "pairing.bpf.h"
 #include "message.bpf.h"
 #include "walk.bpf.h"
 
-/* Is the packet one of a traced server's? Sets *is_req to which side it is. */
-static __always_inline int traced(struct scratch *sc, struct pkt *pp, int *is_req, int pod_side)
+/* Is the packet (@pkt) one of a traced server's? Sets *is_req to which
+ * side it is (given: the hook's side; pod-side hooks, @pod_side, may turn
+ * it round for a server of the host stack). Returns 1 if traced. */
+static __always_inline int traced(struct scratch *scratch, struct pkt *pkt, int *is_req,
+				  int pod_side)
 {
-	struct endpoint_key *ek = &sc->ek;
+	struct endpoint_key *ek = &scratch->ek;
 	struct settings *set;
 	__u32 zero = 0;
 	__u8 *ep, *rev;
 
 	/* the server end: destination of requests, source of responses */
 	ek->prefixlen = 144;
-	__builtin_memcpy(ek->addr, *is_req ? pp->dst : pp->src, 16);
-	ek->port = bpf_htons(*is_req ? pp->dport : pp->sport);
+	__builtin_memcpy(ek->addr, *is_req ? pkt->dst : pkt->src, 16);
+	ek->port = bpf_htons(*is_req ? pkt->dport : pkt->sport);
 	ep = bpf_map_lookup_elem(&endpoints, ek);
 	if (!pod_side || (ep && (*ep & EP_PORT)))
 		return ep != 0;
@@ -75,8 +95,8 @@ static __always_inline int traced(struct scratch *sc, struct pkt *pp, int *is_re
 	if (!set || !set->host_endpoints)
 		return ep != 0;
 	/* a pod talking to a server of the node's host stack? */
-	__builtin_memcpy(ek->addr, *is_req ? pp->src : pp->dst, 16);
-	ek->port = bpf_htons(*is_req ? pp->sport : pp->dport);
+	__builtin_memcpy(ek->addr, *is_req ? pkt->src : pkt->dst, 16);
+	ek->port = bpf_htons(*is_req ? pkt->sport : pkt->dport);
 	rev = bpf_map_lookup_elem(&endpoints, ek);
 	if (rev && (*rev & EP_HOST)) {
 		*is_req = !*is_req;
@@ -85,207 +105,166 @@ static __always_inline int traced(struct scratch *sc, struct pkt *pp, int *is_re
 	return ep != 0;
 }
 
-static __always_inline int handle(struct __sk_buff *skb, int is_req, int pod_side)
+/* A connection is tracked from its first request: does the client's
+ * segment @pkt start one? Then the connection @key is created. Returns its
+ * state, or NULL (no request start; `conns` full: counted). */
+static __always_inline struct conn_state *track_conn(struct __sk_buff *skb,
+						     struct scratch *scratch, struct pkt *pkt,
+						     struct conn_key *key)
 {
-	struct stream_state *st;
-	struct conn_state *c;
-	struct scratch *sc;
-	struct walk_args *a;
-	struct pkt *pp;
-	__u32 zero = 0;
+	struct conn_state *initial = &scratch->conn;
+	__u64 first8 = 0;
+	__u32 method_len;
+
+	if (pkt->payload_len < 8) {
+		/* a start too short to tell: keep it if it may be a method */
+		__u32 n = ((pkt->payload_len - 1) & 7) + 1; /* 1..7, visibly to the verifier */
+
+		if (bpf_skb_load_bytes(skb, pkt->payload_off, &first8, n) < 0 ||
+		    !maybe_method_start(first8, n))
+			return NULL;
+	} else {
+		bpf_skb_load_bytes(skb, pkt->payload_off, &first8, 8);
+		if (match_method(first8, &method_len) == M_UNKNOWN) {
+			__u32 n = pkt->payload_len < 16 ? 8 : 16;
+
+			if (bpf_skb_load_bytes(skb, pkt->payload_off, scratch->hdr, n) < 0 ||
+			    (n == 16 && !match_token_method(scratch->hdr)) || n < 16)
+				return NULL;
+		}
+	}
+	__builtin_memset(initial, 0, sizeof(*initial));
+	initial->req.next_seq = pkt->seq;
+	initial->req.seq_valid = 1;
+	if (pkt->tcp_flags & TCPF_ACK) {
+		/* the answer starts where the client's ACK points: a first
+		 * response lost (or overtaken) is then a gap, not a later one
+		 * paired with the first request */
+		initial->resp.next_seq = pkt->ack;
+		initial->resp.seq_valid = 1;
+	}
+	initial->check_on = 2; /* its first response is checked by ACK */
+	if (bpf_map_update_elem(&conns, key, initial, BPF_NOEXIST) &&
+	    !bpf_map_lookup_elem(&conns, key)) {
+		stat_inc(S_CONN_MAP_FULL);
+		return NULL;
+	}
+	return bpf_map_lookup_elem(&conns, key);
+}
+
+/* One packet at a hook parsing @is_req's side (@pod_side: see the top).
+ * Its program returns TC_ACT_UNSPEC_ whatever happens here. */
+static __always_inline void handle(struct __sk_buff *skb, int is_req, int pod_side)
+{
+	struct stream_state *stream;
+	struct conn_state *conn;
+	struct scratch *scratch;
+	struct walk_args *args;
+	struct pkt *pkt;
 	/* ctx fields read once, up front: the verifier wants fixed offsets */
 	__u32 ifindex = skb->ifindex;
 	__u64 tstamp = skb->tstamp;
 
-	sc = bpf_map_lookup_elem(&scratch_map, &zero);
-	if (!sc)
-		return TC_ACT_UNSPEC_;
-	pp = &sc->pkt;
-	if (parse_tcp_packet(skb, pp) < 0)
-		return TC_ACT_UNSPEC_;
-	if (pp->payload_len == 0 && !(pp->tcp_flags & (TCPF_FIN | TCPF_RST)))
-		return TC_ACT_UNSPEC_; /* pure ACK / SYN: nothing to parse */
+	scratch = get_scratch();
+	if (!scratch)
+		return;
+	pkt = &scratch->pkt;
+	if (parse_tcp_packet(skb, pkt) < 0)
+		return;
+	if (pkt->payload_len == 0 && !(pkt->tcp_flags & (TCPF_FIN | TCPF_RST)))
+		return; /* pure ACK / SYN: nothing to parse */
 
-	if (!traced(sc, pp, &is_req, pod_side))
-		return TC_ACT_UNSPEC_;
+	if (!traced(scratch, pkt, &is_req, pod_side))
+		return;
 
-	a = &sc->wa;
-	__builtin_memset(a, 0, sizeof(*a));
+	args = &scratch->wa;
+	__builtin_memset(args, 0, sizeof(*args));
 	if (is_req) {
-		__builtin_memcpy(a->key.caddr, pp->src, 16);
-		__builtin_memcpy(a->key.saddr, pp->dst, 16);
-		a->key.cport = pp->sport;
-		a->key.sport = pp->dport;
+		__builtin_memcpy(args->key.caddr, pkt->src, 16);
+		__builtin_memcpy(args->key.saddr, pkt->dst, 16);
+		args->key.cport = pkt->sport;
+		args->key.sport = pkt->dport;
 	} else {
-		__builtin_memcpy(a->key.caddr, pp->dst, 16);
-		__builtin_memcpy(a->key.saddr, pp->src, 16);
-		a->key.cport = pp->dport;
-		a->key.sport = pp->sport;
+		__builtin_memcpy(args->key.caddr, pkt->dst, 16);
+		__builtin_memcpy(args->key.saddr, pkt->src, 16);
+		args->key.cport = pkt->dport;
+		args->key.sport = pkt->sport;
 	}
 
 	__u64 now = clock_from_skb ? tstamp : bpf_ktime_get_ns();
-	c = bpf_map_lookup_elem(&conns, &a->key);
-	if (pp->tcp_flags & TCPF_RST) {
-		if (c) {
-			finish_response(&a->key, c, FLAGS_IF(0, ifindex), 0);
-			flush_pending(&a->key, c, FLAGS_IF(R_RESET, ifindex), now, c->tail);
-			bpf_map_delete_elem(&conns, &a->key);
+	conn = bpf_map_lookup_elem(&conns, &args->key);
+	if (pkt->tcp_flags & TCPF_RST) {
+		if (conn) {
+			report_unanswered(&args->key, conn, R_RESET, ifindex, now, conn->tail);
+			bpf_map_delete_elem(&conns, &args->key);
 		}
-		return TC_ACT_UNSPEC_;
+		return;
 	}
-
-	if (!c && pp->payload_len) {
-		__u64 first = 0;
-		__u32 mlen;
-
-		/* a connection is tracked from its first request */
+	if (!conn && pkt->payload_len) {
 		if (!is_req)
-			goto no_conn;
-		if (pp->payload_len < 8) {
-			/* a start too short to tell: keep it if it may be a method */
-			__u32 n = ((pp->payload_len - 1) & 7) + 1; /* 1..7, visibly to the verifier */
-
-			if (bpf_skb_load_bytes(skb, pp->payload_off, &first, n) < 0 ||
-			    !maybe_method_start(first, n))
-				goto no_conn;
-		} else {
-			bpf_skb_load_bytes(skb, pp->payload_off, &first, 8);
-			if (match_method(first, &mlen) == M_UNKNOWN) {
-				__u32 n = pp->payload_len < 16 ? 8 : 16;
-
-				if (bpf_skb_load_bytes(skb, pp->payload_off, sc->hdr, n) < 0 ||
-				    (n == 16 && !match_token_method(sc->hdr)) || n < 16)
-					goto no_conn;
-			}
-		}
-		__builtin_memset(&sc->conn, 0, sizeof(sc->conn));
-		sc->conn.req.next_seq = pp->seq;
-		sc->conn.req.seq_valid = 1;
-		if (pp->tcp_flags & TCPF_ACK) {
-			/* the answer starts where the client's ACK points: a
-			 * first response lost (or overtaken) is then a gap,
-			 * not a later one paired with the first request */
-			sc->conn.resp.next_seq = pp->ack;
-			sc->conn.resp.seq_valid = 1;
-		}
-		sc->conn.check_on = 2; /* its first response is checked by ACK */
-		if (bpf_map_update_elem(&conns, &a->key, &sc->conn, BPF_NOEXIST) &&
-		    !bpf_map_lookup_elem(&conns, &a->key)) {
-			stat_inc(S_CONN_MAP_FULL);
-			return TC_ACT_UNSPEC_;
-		}
-		c = bpf_map_lookup_elem(&conns, &a->key);
+			goto no_conn; /* a connection is tracked from its first request */
+		conn = track_conn(skb, scratch, pkt, &args->key);
+		if (!conn)
+			return;
 	}
-	if (!c)
+	if (!conn)
 		goto no_conn;
 
 	stat_inc(S_TRACED_SEGMENTS);
-	st = is_req ? &c->req : &c->resp;
-	if (!claim(&st->busy)) {
+	stream = is_req ? &conn->req : &conn->resp;
+	if (!claim(&stream->busy)) {
 		stat_inc(S_CONCURRENT); /* its bytes: a gap to the next segment */
-		return TC_ACT_UNSPEC_;
+		return;
 	}
-	if (pp->payload_len && gap_loses_sync(st, pp->seq)) {
-		struct seq_wait_ctx w = { .st = st, .seq = pp->seq, .ok = 0 };
+	if (pkt->payload_len && gap_loses_sync(stream, pkt->seq)) {
+		int caught_up = wait_for_seq(stream, pkt->seq);
 
-		release(&st->busy);
-		bpf_loop(REORDER_WAIT_TRIES, seq_wait_try, &w, 0);
 		/* the connection may have ended meanwhile (FIN, RST on another CPU) */
-		c = bpf_map_lookup_elem(&conns, &a->key);
-		if (!c)
-			return TC_ACT_UNSPEC_;
-		st = is_req ? &c->req : &c->resp;
-		if (!claim(&st->busy)) {
+		conn = bpf_map_lookup_elem(&conns, &args->key);
+		if (!conn)
+			return;
+		stream = is_req ? &conn->req : &conn->resp;
+		if (!claim(&stream->busy)) {
 			stat_inc(S_CONCURRENT);
-			return TC_ACT_UNSPEC_;
+			return;
 		}
-		if (w.ok)
+		if (caught_up)
 			stat_inc(S_REORDERED);
 	}
-	if (!is_req && c->lost_pending) { /* marked by the request side */
-		c->lost_pending = 0;
-		finish_response(&a->key, c, FLAGS_IF(0, ifindex), 0);
-		flush_pending(&a->key, c, FLAGS_IF(R_LOST, ifindex), now, c->lost_until);
+	if (!is_req) /* what the request side marked lost */
+		report_marked_lost(&args->key, conn, ifindex, now);
+	if (pkt->payload_len) {
+		args->now = now;
+		args->payload_off = pkt->payload_off;
+		args->payload_len = pkt->payload_len;
+		args->ifindex = ifindex;
+		args->seq = pkt->seq;
+		args->ack = pkt->ack;
+		args->is_req = is_req;
+		walk_segment(skb, conn, args, stream);
 	}
-	if (pp->payload_len) {
-		int lost, m, start = seg_start(st, pp->seq, pp->payload_len, &lost);
-
-		a->now = now;
-		a->payload_off = pp->payload_off;
-		a->payload_len = pp->payload_len;
-		a->ifindex = ifindex;
-		a->seq = pp->seq;
-		a->ack = pp->ack;
-		a->is_req = is_req;
-		if (start == SEG_SKIP) {
-			stat_inc(S_RETRANSMIT);
-		} else {
-			if (lost) {
-				stat_inc(S_GAP);
-				lost_sync(c, a);
-			}
-			c->last_ns = now;
-			st->last_data_ns = now;
-			a->off = start;
-			for (m = 0; m < MAX_STEPS_PER_SEG; m++)
-				if (!walk_step(skb, c, a))
-					break;
-			if (m == MAX_STEPS_PER_SEG && a->off < pp->payload_len) {
-				stat_inc(S_PARSE_FAILED); /* more than we follow in one segment */
-				st->mode = SM_UNSYNC;
-				lost_sync(c, a);
-			}
-		}
+	if ((pkt->tcp_flags & TCPF_FIN) && !is_req) {
+		server_closed(&args->key, conn, ifindex, now);
+		release(&stream->busy);
+		bpf_map_delete_elem(&conns, &args->key);
+		return;
 	}
-	if ((pp->tcp_flags & TCPF_FIN) && !is_req) {
-		/* the server closed: a close-delimited body ends here, and
-		 * nothing else pending can be answered now */
-		if (c->resp.mode == SM_UNTIL_CLOSE)
-			finish_response(&a->key, c,
-					FLAGS_IF(c->resp.body_gap ? EV_RESP_BODY :
-						 EV_RESP_END | EV_RESP_BODY, ifindex),
-					c->resp.last_data_ns);
-		else
-			finish_response(&a->key, c, FLAGS_IF(0, ifindex), 0);
-		flush_pending(&a->key, c, FLAGS_IF(R_SERVER_FIN, ifindex), now, c->tail);
-		release(&st->busy);
-		bpf_map_delete_elem(&conns, &a->key);
-		return TC_ACT_UNSPEC_;
-	}
-	release(&st->busy);
-	return TC_ACT_UNSPEC_;
+	release(&stream->busy);
+	return;
 
 no_conn:
-	if (!is_req && pp->payload_len >= 12) {
-		__u8 b[12];
-		__u8 v;
+	if (!is_req && pkt->payload_len >= 12) {
+		__u8 start[12];
+		__u8 version;
 
-		if (!bpf_skb_load_bytes(skb, pp->payload_off, b, 12) && match_status(b, &v))
+		if (!bpf_skb_load_bytes(skb, pkt->payload_off, start, 12) &&
+		    match_status(start, &version))
 			stat_inc(S_UNMATCHED_RESPONSE);
 	}
-	return TC_ACT_UNSPEC_;
 }
 
-SEC("tc")
-int redtap_req(struct __sk_buff *skb)
-{
-	return handle(skb, 1, 0);
-}
-
-SEC("tc")
-int redtap_resp(struct __sk_buff *skb)
-{
-	return handle(skb, 0, 0);
-}
-
-SEC("tc")
-int redtap_pod_req(struct __sk_buff *skb)
-{
-	return handle(skb, 1, 1);
-}
-
-SEC("tc")
-int redtap_pod_resp(struct __sk_buff *skb)
-{
-	return handle(skb, 0, 1);
-}
+/* The programs: which side each parses, and whether its hook is pod-side. */
+SEC("tc") int redtap_req(struct __sk_buff *skb)      { handle(skb, 1, 0); return TC_ACT_UNSPEC_; }
+SEC("tc") int redtap_resp(struct __sk_buff *skb)     { handle(skb, 0, 0); return TC_ACT_UNSPEC_; }
+SEC("tc") int redtap_pod_req(struct __sk_buff *skb)  { handle(skb, 1, 1); return TC_ACT_UNSPEC_; }
+SEC("tc") int redtap_pod_resp(struct __sk_buff *skb) { handle(skb, 0, 1); return TC_ACT_UNSPEC_; }
