@@ -94,16 +94,16 @@ struct emit_args {
 
 /* per-CPU scratch space: too big for the 512-byte stack */
 struct scratch {
-	struct pkt pkt;        /* handle()                */
-	struct endpoint_key ek;
-	struct walk_args wa;   /* handle() -> walk_step() */
-	struct emit_args ea;   /* finish_response(), flush_pending() -> emit() */
-	struct req_key ekey;   /* emit()                  */
-	__u8 hdr[32];          /* first bytes of a message */
-	struct head_scan scan;
-	struct req_key rkey;
-	struct pending_req req;
-	struct conn_state conn;
+	struct pkt pkt;         /* handle()                                  */
+	struct endpoint_key ek; /* traced()                                  */
+	struct walk_args wa;    /* handle() -> walk_segment(), walk_step()   */
+	struct emit_args ea;    /* finish_response(), flush_pending() -> emit() */
+	struct req_key ekey;    /* emit()                                    */
+	__u8 hdr[32];           /* first bytes of a message, a chunk-size line */
+	struct head_scan scan;  /* a step's head scan (walk_step() clears it) */
+	struct req_key rkey;    /* `pending` keys outside emit()             */
+	struct pending_req req; /* parse_request() -> fifo_push()            */
+	struct conn_state conn; /* track_conn(): a new connection            */
 };
 
 struct {

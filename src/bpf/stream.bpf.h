@@ -44,7 +44,7 @@ static __always_inline int seg_start(struct stream_state *st, __u32 seq, __u32 l
 				*lost = 1;
 			} else if (st->mode != SM_TUNNEL) { /* a body: its bytes go unseen */
 				if (st->mode != SM_UNTIL_CLOSE)
-					st->body_left -= d; /* may now be 0: the walk ends the body */
+					st->body_left -= d; /* may now be 0: the walk ends it */
 				st->body_seen += d;
 				st->body_gap = 1;
 			}
