@@ -72,17 +72,16 @@ static long seq_wait_try(__u32 i, void *ctx)
 	return 0;
 }
 
-/* Would bytes missing before @seq lose the stream's sync? */
-static __always_inline int gap_loses_sync(struct stream_state *st, __u32 seq)
+/* Wait for @st (claimed by this CPU: the claim is released) to reach
+ * @seq. Returns 1 if it did. The caller re-reads the connection and claims
+ * it again. */
+static __always_inline int wait_for_seq(struct stream_state *st, __u32 seq)
 {
-	__s32 d = (__s32)(seq - st->next_seq);
+	struct seq_wait_ctx w = { .st = st, .seq = seq, .ok = 0 };
 
-	if (!st->seq_valid || d <= 0 || st->mode == SM_TUNNEL || st->mode == SM_UNSYNC ||
-	    st->mode == SM_UNTIL_CLOSE)
-		return 0;
-	if ((st->mode == SM_BODY || st->mode == SM_CHUNK_DATA) && st->body_left >= (__u64)d)
-		return 0;
-	return 1;
+	release(&st->busy);
+	bpf_loop(REORDER_WAIT_TRIES, seq_wait_try, &w, 0);
+	return w.ok;
 }
 
 #endif /* __REDTAP_CLAIM_BPF_H */

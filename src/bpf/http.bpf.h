@@ -11,8 +11,6 @@
 
 #include "redtap.h"
 
-#define LINE_UNKNOWN 0x80000000u /* line_start when not known */
-
 /* per-CPU window buffer for scan_head (SCAN_WINDOW + slack for 8-byte loads) */
 struct {
 	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);

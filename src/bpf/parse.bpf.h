@@ -8,10 +8,8 @@
 #define ETH_P_IP_BE   bpf_htons(0x0800)
 #define ETH_P_IPV6_BE bpf_htons(0x86DD)
 #define ETH_HLEN_     14
-#define IPPROTO_TCP_  6
 
 #define TCPF_FIN 0x01
-#define TCPF_SYN 0x02
 #define TCPF_RST 0x04
 #define TCPF_ACK 0x10
 
@@ -48,7 +46,7 @@ static __always_inline int parse_tcp_packet(struct __sk_buff *skb, struct pkt *p
 
 		if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)) < 0)
 			return -1;
-		if (ip.protocol != IPPROTO_TCP_ || ip.ihl < 5)
+		if (ip.protocol != IPPROTO_TCP || ip.ihl < 5)
 			return -1;
 		if (ip.frag_off & bpf_htons(0x3fff)) /* fragment: not followed */
 			return -1;
@@ -64,7 +62,7 @@ static __always_inline int parse_tcp_packet(struct __sk_buff *skb, struct pkt *p
 
 		if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip6, sizeof(ip6)) < 0)
 			return -1;
-		if (ip6.nexthdr != IPPROTO_TCP_)
+		if (ip6.nexthdr != IPPROTO_TCP)
 			return -1;
 		__builtin_memcpy(p->src, &ip6.saddr, 16);
 		__builtin_memcpy(p->dst, &ip6.daddr, 16);

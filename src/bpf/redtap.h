@@ -140,12 +140,27 @@ enum stream_mode {
 	SM_CHUNK_DATA,  /* chunked body: body_left bytes of chunk data + CRLF */
 };
 
-/* Header facts found while scanning a message head (stream_state.hdr_flags). */
+/* stream_state.hdr_flags in SM_HEADERS: the facts a head scan found so far
+ * (also head_scan.flags: the first three), and how to go on with a head
+ * parked at a segment's end. */
 #define HF_CONTENT_LENGTH (1 << 0)
 #define HF_CHUNKED        (1 << 1)
-#define HF_BAD_LENGTH     (1 << 2)  /* unparseable or conflicting Content-Length */
-#define HF_IN_START       (1 << 6)  /* parked head: still on the start line      */
-#define HF_NO_BODY        (1 << 7)  /* parked head of a message without body     */
+#define HF_BAD_LENGTH     (1 << 2)  /* unparseable or conflicting Content-Length  */
+#define HF_TRAILER        (1 << 3)  /* parked head: the trailer section of a chunked body */
+#define HF_IN_CL          (1 << 4)  /* parked head: inside a Content-Length value */
+#define HF_IN_TE          (1 << 5)  /* parked head: on a Transfer-Encoding line   */
+#define HF_IN_START       (1 << 6)  /* parked head: still on the start line       */
+#define HF_NO_BODY        (1 << 7)  /* parked head of a message without body      */
+
+/* stream_state.hdr_flags in SM_CHUNK_SIZE, while reading a chunk-size line */
+#define CF_DIGIT  (1 << 0)  /* a hex digit was read          */
+#define CF_EXT    (1 << 1)  /* in a chunk extension (;...)   */
+
+/* stream_state.line_len in SM_HEADERS: bytes of the current line so far,
+ * or'ed with LINE_COLON; or LINE_UNKNOWN, not known (a head parked on its
+ * start line; head_scan.line_start uses it the same way). */
+#define LINE_UNKNOWN 0x80000000u
+#define LINE_COLON   0x40000000u /* the line's ':' was seen */
 
 struct stream_state {
 	__u64 body_left;   /* SM_BODY, SM_CHUNK_DATA: bytes still to skip;
@@ -167,11 +182,6 @@ struct stream_state {
 	__u32 busy;        /* a CPU is walking this direction (claim())       */
 	__u32 pad;
 };
-
-/* stream_state.hdr_flags while reading a chunk-size line */
-#define CF_DIGIT  (1 << 0)  /* a hex digit was read          */
-#define CF_EXT    (1 << 1)  /* in a chunk extension (;...)   */
-#define CF_LAST   (1 << 2)  /* SM_HEADERS: trailer section after the last chunk */
 
 /* A connection's FIFO of pending requests: the numbers head..tail-1 in
  * its conn_state; each request waits in the `pending` LRU map, keyed by

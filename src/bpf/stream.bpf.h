@@ -7,13 +7,20 @@
 
 #include "redtap.h"
 
-#define HF_TRAILER (1 << 3) /* parked head: the trailer section of a chunked body */
-#define HF_IN_CL   (1 << 4) /* parked head: inside a Content-Length value          */
-#define HF_IN_TE   (1 << 5) /* parked head: on a Transfer-Encoding line            */
-#define LINE_COLON 0x40000000u /* stream_state.line_len: the line's ':' was seen   */
-
 /* seg_start() results besides the start offset */
 #define SEG_SKIP  (-1)      /* nothing new in this segment      */
+
+/* Can @missing (> 0) bytes be missing at the stream's current position
+ * without losing a message boundary? Yes inside a body of known length
+ * that holds them, in a close-delimited body, in a tunnel. The one rule
+ * for seg_start() (which then skips them) and gap_loses_sync() (which
+ * waits for them otherwise). */
+static __always_inline int gap_is_harmless(const struct stream_state *st, __u32 missing)
+{
+	if (st->mode == SM_BODY || st->mode == SM_CHUNK_DATA)
+		return st->body_left >= (__u64)missing;
+	return st->mode == SM_UNTIL_CLOSE || st->mode == SM_TUNNEL;
+}
 
 /* Where the new data of this segment starts, after TCP sequence checks.
  * Returns the payload offset to parse from, or SEG_SKIP. Sets *lost when
@@ -32,24 +39,31 @@ static __always_inline int seg_start(struct stream_state *st, __u32 seq, __u32 l
 		if (d < 0) {
 			start = -d; /* overlap: parse only the new bytes */
 		} else if (d > 0) {
-			/* bytes missing: harmless inside a body of known length */
-			if ((st->mode == SM_BODY || st->mode == SM_CHUNK_DATA) &&
-			    st->body_left >= (__u64)d) {
-				st->body_left -= d; /* may now be 0: the walk ends the body */
-				st->body_seen += d;
-				st->body_gap = 1;
-			} else if (st->mode == SM_UNTIL_CLOSE) {
-				st->body_seen += d;
-				st->body_gap = 1;
-			} else if (st->mode != SM_TUNNEL) {
+			if (!gap_is_harmless(st, d)) {
 				st->mode = SM_UNSYNC;
 				*lost = 1;
+			} else if (st->mode != SM_TUNNEL) { /* a body: its bytes go unseen */
+				if (st->mode != SM_UNTIL_CLOSE)
+					st->body_left -= d; /* may now be 0: the walk ends it */
+				st->body_seen += d;
+				st->body_gap = 1;
 			}
 		}
 	}
 	st->next_seq = seq + len;
 	st->seq_valid = 1;
 	return start;
+}
+
+/* Would bytes missing before @seq lose the stream's sync? (Not when it is
+ * lost already: SM_UNSYNC.) */
+static __always_inline int gap_loses_sync(const struct stream_state *st, __u32 seq)
+{
+	__s32 d = (__s32)(seq - st->next_seq);
+
+	if (!st->seq_valid || d <= 0 || st->mode == SM_UNSYNC)
+		return 0;
+	return !gap_is_harmless(st, d);
 }
 
 /* Has the response to a @method request with @status a body? RFC 9112 6.3 */
