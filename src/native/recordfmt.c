@@ -340,6 +340,32 @@ int rf_put_url(struct rf_ctx *c, uint32_t i, uint32_t server_id,
 	return 0;
 }
 
+/* Many rf_put_url()s in one call: each entry is a struct rf_url_entry, then
+ * frag_len + route_len bytes, padded to 4. Returns the entries taken. */
+struct rf_url_entry {
+	uint32_t index, server_id, frag_len, route_len, route_id, weight[4];
+};
+
+int rf_put_urls(struct rf_ctx *c, const uint8_t *buf, uint32_t len)
+{
+	uint32_t off = 0;
+	int n = 0;
+	while (off + sizeof(struct rf_url_entry) <= len) {
+		struct rf_url_entry e;
+		memcpy(&e, buf + off, sizeof(e));
+		off += sizeof(e);
+		if (off + e.frag_len + e.route_len > len)
+			return n;
+		const char *frag = (const char *)buf + off;
+		if (rf_put_url(c, e.index, e.server_id, frag, e.frag_len, frag + e.frag_len,
+			       e.route_len, e.route_id, e.weight))
+			return n;
+		off += (e.frag_len + e.route_len + 3) & ~3u;
+		n++;
+	}
+	return n;
+}
+
 /* ---- formatting ---------------------------------------------------------- */
 static char *put(char *o, const void *s, size_t n) { memcpy(o, s, n); return o + n; }
 #define PUTS(o, lit) put(o, lit, sizeof(lit) - 1)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import re
+import struct
 from pathlib import Path
 
 import orjson
@@ -51,6 +52,9 @@ K8S_KEYS = ("client.k8s.pod.name", "client.k8s.namespace.name", "server.k8s.pod.
 ROUTE_KEY = "http.route"
 MAX_SERIES, MAX_ROUTES = 1 << 23, 1 << 20   # id widths of a metric cell (recordfmt.c)
 MAX_SERVERS = 1 << 32
+URL_OFF, URL_LEN_OFF = abi.HttpEvent.url.offset, abi.HttpEvent.url_len.offset
+_URL_LEN = struct.Struct("<H")
+_URL_ENTRY = struct.Struct("<9I")  # struct rf_url_entry
 INF = float("inf")
 
 _u8p, _u32p, _u64p = (ctypes.POINTER(t) for t in (ctypes.c_uint8, ctypes.c_uint32,
@@ -79,6 +83,7 @@ _SIGNATURES = {
     "rf_put_url": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_uint32,
                                   ctypes.c_char_p, ctypes.c_uint32, ctypes.c_char_p,
                                   ctypes.c_uint32, ctypes.c_uint32, _u32p]),
+    "rf_put_urls": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint32]),
     "rf_render": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_int]),
     "rf_cells": (ctypes.c_uint32, [ctypes.c_void_p, _u64p, _u32p,
                                    ctypes.POINTER(ctypes.c_double), ctypes.c_uint32]),
@@ -131,6 +136,7 @@ class FastPath:
         self.sample_fn = ctypes.cast(lib.rf_sample, ctypes.c_void_p).value
         self.servers, self.series, self.route_ids = Ids(), Ids(), Ids()
         self.generation = None
+        self.renew_ids = False
         self.rendered = self.referenced = 0  # records by the helper, by the reference path
         self._render = accesslog._render
 
@@ -193,6 +199,9 @@ class FastPath:
         self.referenced += by_python
         self._add_counters()
         lib.rf_reset(ctx)
+        if self.renew_ids:
+            self.renew_ids = False
+            self._forget_ids()
         self.accesslog.writer.submit(data, n)
         return n, bad
 
@@ -211,20 +220,23 @@ class FastPath:
         servers = lib.rf_servers(ctx)
         own: dict[int, bytes] = {}   # record -> its line, rendered here
         urls: set = set()
-        put_urls = False
+        entries: list[bytes] = []    # rf_put_urls' input
+        server_keys, url_len = self.servers.values, _URL_LEN.unpack_from
         for m in self._NOT_LINE.finditer(kinds):  # in record order: the route cap's order
             i = m.start()
-            rec_raw = raw[i * size:(i + 1) * size]
+            base = i * size
             if kinds[i] == URL:
-                ev = abi.decode_event(rec_raw)
-                key = (servers[i], ev[17][:min(ev[10], abi.MAX_URL_LEN)])
+                ulen = min(url_len(raw, base + URL_LEN_OFF)[0], abi.MAX_URL_LEN)
+                key = (servers[i], raw[base + URL_OFF:base + URL_OFF + ulen])
                 if key not in urls:
                     urls.add(key)
-                    self._put_url(i, key[0], self.servers.values[key[0]], key[1])
-                put_urls = True
+                    entry = self._url_entry(i, key[0], server_keys[key[0]], key[1])
+                    if entry is not None:
+                        entries.append(entry)
             else:
-                own[i] = self.reference(rec_raw, i if kinds[i] == PEERS else None)
-        if put_urls:
+                own[i] = self.reference(raw[base:base + size], i if kinds[i] == PEERS else None)
+        if entries:
+            lib.rf_put_urls(ctx, b"".join(entries), sum(map(len, entries)))
             lib.rf_render(ctx, 1)
             kinds = ctypes.string_at(lib.rf_kinds(ctx), n)
         ends = lib.rf_line_ends(ctx)
@@ -297,7 +309,7 @@ class FastPath:
         series_id = self.series(self._series_labels(rec))
         route_id = self.route_ids(rec[ROUTE_KEY]) if route else 0
         if series_id >= MAX_SERIES or route_id >= MAX_ROUTES or server_id >= MAX_SERVERS:
-            self._forget_ids()
+            self.renew_ids = True  # after this batch (its metric cells use the ids)
             return
         client = _item("client.address", rec["client.address"]) + b',"client.port":'
         server = b"," + _item("server.address", rec["server.address"]) + b"," + \
@@ -312,15 +324,16 @@ class FastPath:
         self.lib.rf_put_url(self.ctx, i, server_id, frag, len(frag), rt, len(rt), route_id,
                             (ctypes.c_uint32 * 4)(*deltas[4:]))
 
-    def _put_url(self, i: int, server_id: int, server_key, url: bytes) -> None:
-        """Record @i's URL parts on a known server, by the stages' own code."""
+    def _url_entry(self, i: int, server_id: int, server_key, url: bytes) -> bytes | None:
+        """Record @i's URL parts on a known server, by the stages' own code, as
+        an rf_put_urls() entry."""
         path, query = url_parts(url)
         values = 0
         if self.redact is not None:
             path, query, values = self.redact.redact_url(path, query)
         frag = _item("url.path", path)
         if query is not None:
-            frag += b"," + _item("url.query", query)
+            frag += b',"url.query":' + orjson.dumps(query)
         rt, route_id, folded = b"", 0, 0
         if self.routes is not None:
             table = self.routes.table
@@ -328,12 +341,13 @@ class FastPath:
             route = table.route(server_key, path)
             folded, table.overflowed = table.overflowed - before, before  # the helper counts
             route_id = self.route_ids(route)
-            if route_id >= MAX_ROUTES:
-                self._forget_ids()
-                return
-            rt = b"," + _item(ROUTE_KEY, route)
-        w = (ctypes.c_uint32 * 4)(values, 1 if values else 0, folded, 0)
-        self.lib.rf_put_url(self.ctx, i, server_id, frag, len(frag), rt, len(rt), route_id, w)
+            if route_id >= MAX_ROUTES:  # ids renewed after this batch; the reference path now
+                self.renew_ids = True
+                return None
+            rt = b',"http.route":' + orjson.dumps(route)
+        pad = b"\0" * (-(len(frag) + len(rt)) % 4)
+        return _URL_ENTRY.pack(i, server_id, len(frag), len(rt), route_id, values,
+                               1 if values else 0, folded, 0) + frag + rt + pad
 
     def _forget_ids(self) -> None:
         self.servers, self.series, self.route_ids = Ids(), Ids(), Ids()

@@ -15,8 +15,6 @@ import ipaddress
 import struct
 import sys
 
-import dpkt
-
 from pyloader.kernel import abi
 from pyloader.output.accesslog import AccessLog
 from pyloader.pipeline.record import Clock, RecordBuilder
@@ -48,6 +46,7 @@ class SkBuff(ctypes.Structure):
 
 def _l3(linktype: int, buf: bytes) -> tuple[int, bytes] | None:
     """(ethertype, IP packet) of one captured frame, or None."""
+    import dpkt  # here: `redtap run` builds this command's parser, needs no dpkt
     if linktype == dpkt.pcap.DLT_EN10MB:
         if len(buf) < 14:
             return None
@@ -73,6 +72,7 @@ def _l3(linktype: int, buf: bytes) -> tuple[int, bytes] | None:
 
 def read_capture(path: str):
     """Yield (timestamp_ns, ethernet_frame) for every IP frame of a capture."""
+    import dpkt  # here: `redtap run` builds this command's parser, needs no dpkt
     try:
         f = open(path, "rb")
     except OSError as e:
@@ -97,6 +97,7 @@ def read_capture(path: str):
 
 def _tcp(frame: bytes):
     """(src, dst, sport, dport, payload) of a TCP frame, or None."""
+    import dpkt  # here: `redtap run` builds this command's parser, needs no dpkt
     try:
         eth = dpkt.ethernet.Ethernet(frame)
         ip = eth.data

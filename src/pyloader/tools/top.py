@@ -18,9 +18,6 @@ import urllib.request
 from collections import deque
 from dataclasses import dataclass, field
 
-from prometheus_client.parser import text_string_to_metric_families
-
-from pyloader.output.metrics import DURATION, UNANSWERED
 
 CLEAR = "\x1b[H\x1b[2J"
 
@@ -51,6 +48,10 @@ class Scrape:
 
 
 def parse(text: str, t: float | None = None) -> Scrape:
+    # imported here: `redtap run` builds this command's parser but needs neither
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from pyloader.output.metrics import DURATION, UNANSWERED
     s = Scrape(time.monotonic() if t is None else t)
     for fam in text_string_to_metric_families(text):
         if fam.name == DURATION:
