@@ -21,9 +21,11 @@ all: bpf
 
 bpf: $(PKG_OBJ) $(NATIVE_SO)
 
-$(NATIVE_SO): src/native/recordfmt.c src/bpf/redtap.h src/native/cflags.sh
+NATIVE_SRC := $(wildcard src/native/*.c)
+
+$(NATIVE_SO): $(NATIVE_SRC) $(wildcard src/native/*.h) src/bpf/redtap.h src/native/cflags.sh
 	mkdir -p $(dir $@)
-	$(CC) $(shell sh src/native/cflags.sh) -o $@ $<
+	$(CC) $(shell sh src/native/cflags.sh) -o $@ $(NATIVE_SRC)
 
 $(BPF_OBJ): $(BPF_SRC) vmlinux.h | $(OUT)
 	$(CLANG) $(BPF_CFLAGS) -c src/bpf/redtap.bpf.c -o $@

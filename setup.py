@@ -5,7 +5,7 @@ into pyloader/data/redtap.bpf.o of the build, so an installed `redtap` finds
 its object without the source tree. Without clang (or with REDTAP_PREBUILT_BPF=1)
 it takes the prebuilt src/pyloader/data/redtap.bpf.o shipped in the package
 data (`make bpf` makes one); with neither it stops with a clear message.
-It also compiles the agent's record helper (src/native/recordfmt.c, plain C
+It also compiles the agent's record helper (src/native/*.c, plain C
 called through ctypes) into pyloader/data/librecordfmt.so when a C compiler
 is there. Everything else is declared in setup.cfg.
 """
@@ -20,7 +20,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 BPF_SRC = os.path.join("src", "bpf", "redtap.bpf.c")
 PREBUILT = os.path.join("src", "pyloader", "data", "redtap.bpf.o")
 CFLAGS_SH = os.path.join("src", "bpf", "cflags.sh")
-NATIVE_SRC = os.path.join("src", "native", "recordfmt.c")
+NATIVE_DIR = os.path.join("src", "native")
 NATIVE_FLAGS = os.path.join("src", "native", "cflags.sh")
 
 
@@ -57,14 +57,18 @@ class BuildPyWithBpf(build_py):
         renders every record in Python (same bytes, more CPU)."""
         cc = next((shutil.which(c) for c in (os.environ.get("CC", ""), "cc", "gcc", "clang")
                    if c and shutil.which(c)), None)
-        if not cc or not os.path.exists(os.path.join(HERE, NATIVE_SRC)):
+        where = os.path.join(HERE, NATIVE_DIR)
+        sources = sorted(os.path.join(NATIVE_DIR, f) for f in os.listdir(where)
+                         if f.endswith(".c")) if os.path.isdir(where) else []
+        if not cc or not sources:
             self.announce("no C compiler: the record helper is not built", level=3)
             return
         flags = subprocess.run(["sh", NATIVE_FLAGS], check=True, cwd=HERE, capture_output=True,
                                text=True).stdout.split()
-        cmd = [cc, *flags, "-o", target, NATIVE_SRC]
+        cmd = [cc, *flags, "-o", target, *sources]
         self.announce("compiling the record helper: " + " ".join(cmd), level=2)
-        subprocess.run(cmd, check=True, cwd=HERE)
+        if subprocess.run(cmd, cwd=HERE).returncode:  # the agent works without it
+            self.announce("the record helper did not build: records rendered in Python", level=3)
 
 
 setup(cmdclass={"build_py": BuildPyWithBpf})

@@ -37,6 +37,7 @@ class AgentConfig:
     max_batch: int = 4096             # ring buffer records handled per round at most
     bpf_object: str | None = None
     max_conns: int | None = None
+    ring_bytes: int | None = None     # ring buffer size (None: the object's, 8 MB)
     poll_ms: int = 50
     idle_timeout_s: float = 60.0
     stats_interval_s: float = 60.0
@@ -82,7 +83,8 @@ class Agent:
     # -- setup -----------------------------------------------------------
     def start(self) -> None:
         cfg = self.cfg
-        self.tracer = Tracer.load(cfg.bpf_object, max_conns=cfg.max_conns)
+        self.tracer = Tracer.load(cfg.bpf_object, max_conns=cfg.max_conns,
+                                  ring_bytes=cfg.ring_bytes)
         self.tracer.endpoints.host_addrs = host_addresses
         self.tracer.endpoints.set(cfg.endpoints or [WILDCARD])
         self.accesslog = AccessLog(cfg.log_path, max_bytes=cfg.log_max_bytes,

@@ -62,7 +62,15 @@ def _run_parser(sub) -> None:
                         "of a round when the agent falls behind (0: all there are; default 4096)")
     p.add_argument("--max-conns", type=int, default=None,
                    help="tracked connections (default 65536)")
+    p.add_argument("--ring-buffer-mb", type=_ring_mb, default=None, metavar="MB",
+                   help="the kernel's ring buffer of records, a power of two (default 8: about "
+                        "22,000 records of burst; user space maps it twice, so it counts twice "
+                        "in the agent's RSS)")
     p.add_argument("--bpf-object", default=None, help="BPF object to load (default: the package's)")
+    p.add_argument("--record-path", choices=("auto", "python"), default="auto",
+                   help="auto: records written by the package's C helper where it applies "
+                        "(the same bytes, a fraction of the CPU); python: every record "
+                        "through the Python stages (default auto)")
     p.add_argument("--summary", action="store_true",
                    help="print a R.E.D. table per server endpoint to stderr at exit")
     p.add_argument("--metrics-addr", default=None, metavar="HOST:PORT",
@@ -102,6 +110,16 @@ def _size(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e)) from None
 
 
+def _ring_mb(text: str) -> int:
+    try:
+        mb = int(text)
+    except ValueError:
+        mb = 0
+    if mb < 1 or mb > 1024 or mb & (mb - 1):
+        raise argparse.ArgumentTypeError(f"{text!r}: a power of two from 1 to 1024")
+    return mb
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="redtap", description="HTTP/1.x tracing with eBPF")
     ap.add_argument("--version", action="version", version=f"redtap {__version__}")
@@ -126,6 +144,8 @@ def run(args) -> int:
         idle_timeout_s=args.idle_timeout, stats_interval_s=args.stats_interval,
         summary=args.summary, log_max_bytes=args.log_max_bytes, log_backups=args.log_backups,
         log_queue_lines=args.log_queue, max_batch=args.max_batch,
+        fast_path=args.record_path == "auto",
+        ring_bytes=args.ring_buffer_mb << 20 if args.ring_buffer_mb else None,
         components=stages(args))
     return Agent(cfg).run()
 

@@ -38,14 +38,18 @@ class Tracer:
 
     @classmethod
     def load(cls, path: str | None = None, max_conns: int | None = None,
-             wakeup_bytes: int | None = None, clock_from_skb: bool = False) -> "Tracer":
+             wakeup_bytes: int | None = None, clock_from_skb: bool = False,
+             ring_bytes: int | None = None) -> "Tracer":
         """Open and load the object. clock_from_skb: take packet times from
-        skb->tstamp (offline replay through BPF_PROG_TEST_RUN)."""
+        skb->tstamp (offline replay through BPF_PROG_TEST_RUN). ring_bytes: the
+        ring buffer's size (a power of two, at least a page)."""
         obj = BpfObject.open(find_object(path))
         try:
             if max_conns:
                 obj.set_max_entries("conns", max_conns)
                 obj.set_max_entries("pending", max_conns)
+            if ring_bytes:
+                obj.set_max_entries("events", ring_bytes)
             if wakeup_bytes is not None:
                 obj.set_rodata("wakeup_bytes", int(wakeup_bytes).to_bytes(4, "little"))
             if clock_from_skb:
