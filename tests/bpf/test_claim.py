@@ -60,3 +60,4 @@ def test_a_walk_leaves_the_claim_released(h):
     h.resp(c.resp(P.response(200, body=b"x" * 10)[:30]))  # a head in progress
     _, st = only_conn(h)
     assert st.req.busy == 0 and st.resp.busy == 0
+

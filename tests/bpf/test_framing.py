@@ -2,6 +2,8 @@
 (retransmits, reordering, split heads, chunked bodies, 1xx, close)."""
 import time
 
+import pytest
+
 from pyloader.kernel import abi
 
 from support import packets as P
@@ -22,9 +24,9 @@ def test_retransmitted_response_is_ignored(h):
     seq = c.sseq
     h.resp(c.resp(P.response(200)))
     h.resp(c.resp(P.response(200), seq=seq))
-    assert len(h.events()) == 1
-    s = h.stats()
-    assert s["retransmits"] == 1 and "unmatched_responses" not in s
+    assert [(e["url"], e["status"]) for e in h.events()] == [(b"/r", 200)]
+    assert h.stats() == {"traced_segments": 3, "requests": 1, "responses": 1, "events": 1,
+                         "pending_pushed": 1, "pending_popped": 1, "retransmits": 1}
 
 
 def test_same_packet_seen_twice_counts_once(h):
@@ -60,10 +62,14 @@ def test_out_of_order_segments_never_mispair(h):
     h.resp(c.resp(P.response(201)))                  # answers /d (not seen whole)
     h.req(c.req(P.get("/e")))
     h.resp(c.resp(P.response(202)))
-    evs = [(e["url"], e["status"]) for e in h.events()]
-    assert evs[0] == (b"/a", 200) and evs[-1] == (b"/e", 202)
-    assert (b"/b", 201) not in evs and (b"/d", 404) not in evs
-    assert h.stats()["gaps"] >= 1
+    # /b's tail and /d came before /b's start: a gap in a request stream that
+    # is not pipelining (nothing pending), so the stream resyncs at the next
+    # segment start: /b and /d are never requests, their answers unmatched
+    evs = [(e["url"], e["status"], abi.REASONS[e["reason"]]) for e in h.events()]
+    assert evs == [(b"/a", 200, ""), (b"/e", 202, "")]
+    assert h.stats() == {"traced_segments": 8, "requests": 2, "responses": 4, "events": 2,
+                         "pending_pushed": 2, "pending_popped": 2, "retransmits": 1,
+                         "gaps": 1, "unmatched_responses": 2}
 
 
 def test_content_length_body_gives_last_byte_time_and_size(h):
@@ -194,8 +200,9 @@ def test_response_gap_without_pipelining_resyncs(h):
     # /3's ACK covers /2's answer: the answer was lost, /3 is not pipelined
     evs = [(e["url"], e["status"], abi.REASONS[e["reason"]]) for e in h.events()]
     assert evs == [(b"/1", 200, ""), (b"/2", 0, "lost"), (b"/3", 202, "")]
-    s = h.stats()
-    assert s["gaps"] >= 1 and s["resync_dropped"] == 1 and "connections_given_up" not in s
+    assert h.stats() == {"traced_segments": 5, "requests": 3, "responses": 2, "events": 3,
+                         "pending_pushed": 3, "pending_popped": 3, "gaps": 1,
+                         "unanswered": 1, "resync_dropped": 1}
 
 
 def test_request_line_longer_than_a_segment(h):
@@ -206,9 +213,8 @@ def test_request_line_longer_than_a_segment(h):
     h.req(c.req(msg[300:]))
     h.req(c.req(P.get("/short")))
     h.resp(c.resp(P.response(200) + P.response(200)))
-    evs = h.events()
-    assert evs[0]["url"] == path.encode()[:abi.MAX_URL_LEN] and evs[0]["flags"] & abi.EV_URL_TRUNCATED
-    assert evs[1]["url"] == b"/short"
+    evs = [(e["url"], e["status"], bool(e["flags"] & abi.EV_URL_TRUNCATED)) for e in h.events()]
+    assert evs == [(path.encode()[:abi.MAX_URL_LEN], 200, True), (b"/short", 200, False)]
 
 
 def test_response_head_split_at_every_byte(h):
@@ -228,6 +234,7 @@ def test_response_head_split_at_every_byte(h):
 
 def test_request_head_split_at_every_byte(h):
     first = b"POST /p?q=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 18\r\n\r\nGET /fake HTTP/1.1"
+    target, at = b"/p?q=1", len(b"POST ")
     for cut in range(1, len(first)):
         c = P.Conn(client=("198.18.0.22", 20000 + cut))
         h.req(c.req(first[:cut]))
@@ -235,11 +242,22 @@ def test_request_head_split_at_every_byte(h):
         h.resp(c.resp(P.response(201) + P.response(200)))
         evs = h.events()
         assert [(e["method"], e["status"]) for e in evs] == [("POST", 201), ("GET", 200)], cut
-        assert evs[1]["url"] == b"/g", cut
+        assert evs[1]["url"] == b"/g" and not evs[1]["flags"] & abi.EV_URL_TRUNCATED, cut
         assert evs[0]["req_body"] == 18, cut
-        if cut > len("POST /p?q=1 "):  # the target was whole in the first segment
-            assert evs[0]["url"] == b"/p?q=1", cut
-    assert not set(h.stats()) & set(abi.LOSS_STATS)
+        url, flagged = evs[0]["url"], bool(evs[0]["flags"] & abi.EV_URL_TRUNCATED)
+        if 8 <= cut <= at + len(target):
+            # the first segment holds the start (8 bytes and more are parsed at
+            # once) but not the space ending the target: the part it holds,
+            # flagged as a prefix
+            assert (url, flagged) == (target[:cut - at], True), cut
+        else:
+            # fewer than 8 bytes are kept for the next segment (the start
+            # whole then), or the target ended in the first segment
+            assert (url, flagged) == (target, False), cut
+    s = h.stats()
+    n = len(first) - 1
+    assert s == {"traced_segments": 3 * n, "requests": 2 * n, "responses": 2 * n,
+                 "events": 2 * n, "pending_pushed": 2 * n, "pending_popped": 2 * n}, s
 
 
 def test_first_response_overtaken_is_a_gap_not_a_mispair(h):
@@ -252,6 +270,24 @@ def test_first_response_overtaken_is_a_gap_not_a_mispair(h):
     first = c.resp(P.response(201))
     h.resp(c.resp(P.response(202)))
     h.resp(first)  # late: already behind what was seen
-    evs = h.events()
-    assert not any(e["url"] == b"/a" and e["status"] == 202 for e in evs), evs
-    assert h.stats()["gaps"] == 1
+    # /a's answer missing where the ACK says answers start: a gap on a
+    # pipelining connection, given up, both requests reported lost
+    evs = [(e["url"], e["status"], abi.REASONS[e["reason"]]) for e in h.events()]
+    assert evs == [(b"/a", 0, "lost"), (b"/b", 0, "lost")]
+    assert h.stats() == {"traced_segments": 3, "requests": 2, "events": 2, "pending_pushed": 2,
+                         "pending_popped": 2, "retransmits": 1, "gaps": 1, "unanswered": 2,
+                         "resync_dropped": 2, "connections_given_up": 1}
+
+
+@pytest.mark.xfail(strict=True, reason="src bug: a request-side gap while one request is "
+                   "pending, before pipelining was seen, is not taken for a pipelining loss: "
+                   "the answer of the unseen request is paired with the next one")
+def test_request_gap_behind_a_pending_request_never_mispairs(h):
+    c = P.Conn()
+    h.req(c.req(P.get("/open")))       # pending; no pipelining seen yet
+    c.cseq += len(P.get("/a"))         # /a pipelined behind it, lost before the hook
+    h.req(c.req(P.get("/b")))          # (TCP retransmits /a to the server, not to the hook)
+    for status in (200, 201, 202):     # the server answers in order, having received all
+        h.resp(c.resp(P.response(status)))
+    evs = [(e["url"], e["status"]) for e in h.events()]
+    assert (b"/b", 201) not in evs, f"/b paired with /a's answer: {evs}"

@@ -70,7 +70,7 @@ CLIENT_LOOP = r"""
 import json, sys, time
 from pyloader.lab.trafficgen import connect, read_response
 host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
-ok, failed, errors, conns = 0, 0, [], 0
+ok, failed, errors, conns, done = 0, 0, [], 0, []
 end = time.monotonic() + seconds
 i = 0
 while time.monotonic() < end:
@@ -79,11 +79,13 @@ while time.monotonic() < end:
         conns += 1
         f = s.makefile("rb")
         for _ in range(20):  # keep-alive requests on each connection
+            t0 = time.monotonic()
             s.sendall(b"GET /status/loop%d HTTP/1.1\r\nHost: x\r\n\r\n" % i)
             i += 1
             st = read_response(f)
             if st == 200:
                 ok += 1
+                done.append((i - 1, t0, time.monotonic()))  # sent, answered (monotonic)
             else:
                 failed += 1
                 errors.append(f"status {st}")
@@ -91,7 +93,8 @@ while time.monotonic() < end:
     except Exception as e:
         failed += 1
         errors.append(repr(e))
-print(json.dumps({"ok": ok, "failed": failed, "connections": conns, "errors": errors[:10]}))
+print(json.dumps({"ok": ok, "failed": failed, "connections": conns, "errors": errors[:10],
+                  "done": done}))
 """
 
 
@@ -243,9 +246,11 @@ def test_kill9_under_load_and_restarts_never_break_a_request(node, clean):
     agents = []
     try:
         for i in range(kills + 1):
+            spawned = time.monotonic()  # CLOCK_MONOTONIC: the client's clock too
             agent = AgentProc(node, "--endpoint", f"{pod0.ip}:80", name=f"run{i}")
             agents.append(agent)
             agent.wait_started()
+            started = time.monotonic()  # attached by now
             ids = redtap_prog_ids(node)
             assert len(ids) == 2, f"run {i}: redtap programs attached: {ids}"
             progs |= ids
@@ -255,7 +260,9 @@ def test_kill9_under_load_and_restarts_never_break_a_request(node, clean):
             if i < kills:
                 assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
                 assert redtap_prog_ids(node) == ids, "kill -9 left nothing attached?"
+        stopping = time.monotonic()
         assert agents[-1].stop() == 0, agents[-1].stderr()
+        exited = time.monotonic()  # detached by now
         assert loop.wait(timeout=120) == 0
     finally:
         for a in agents:
@@ -264,11 +271,23 @@ def test_kill9_under_load_and_restarts_never_break_a_request(node, clean):
             os.killpg(loop.pid, signal.SIGKILL)
     with open(out) as f:
         summary = json.loads(f.read())
+    done = summary.pop("done")
     print("client loop:", summary)
     assert summary["failed"] == 0, summary
-    assert summary["ok"] > 100, summary
-    # the last run logged what it saw; the programs of every run are gone
-    assert any(r["url.path"].startswith("/status/loop") for r in agents[-1].records())
+    assert summary["ok"] == len(done) > 100, summary
+    # the last run logged every request made (sent and answered) while it
+    # was surely attached, once each, in order; none made before it was
+    # started or after it exited; those in between may or may not be there
+    during = [f"/status/loop{n}" for n, t0, t1 in done if started < t0 and t1 < stopping]
+    maybe = {f"/status/loop{n}" for n, t0, t1 in done if t1 > spawned and t0 < exited}
+    logged = [r["url.path"] for r in agents[-1].records()]
+    assert len(during) > 100, f"only {len(during)} requests while the last run ran"
+    must = set(during)
+    assert [p for p in logged if p in must] == during, \
+        f"last run: {len(during)} requests made while it ran, {len(logged)} logged"
+    assert len(set(logged)) == len(logged), "a request logged twice"
+    assert set(logged) <= maybe, sorted(set(logged) - maybe)[:5]
+    # the programs of every run are gone
     assert len(progs) == 2 * (kills + 1), progs
     assert len(maps) >= 4 * (kills + 1), maps  # conns, pending, events, stats, ... per run
     for dev in bridge_ports(node):

@@ -1,6 +1,7 @@
 """llhttp's HTTP message vectors (../shared/corpus/vectors), each sent over
-its own real TCP connection between two pods, traced on the veths. The
-agreement with llhttp's parse is reported per vector file."""
+its own real TCP connection between two pods, traced on the veths. Every
+vector's records, in order, are what llhttp parsed, except the known
+differences below (each pinned to what redtap logs, and why)."""
 from __future__ import annotations
 
 import json
@@ -15,6 +16,18 @@ from support.agentproc import AgentProc
 
 VECTORS = os.path.join(SHARED, "corpus", "vectors", "llhttp_vectors.jsonl")
 PORT = "9000"
+USABLE = 96  # vectors of the file that make sense on the wire (llhttp_wire.usable)
+
+# vector id -> (what redtap logs, why it differs from llhttp)
+KNOWN_DIFFERENCES = {
+    # Both open their connection with an empty line (RFC 9112 2.2: a server
+    # should ignore one). redtap takes up a connection only at a segment that
+    # starts with a method (src/bpf/redtap.bpf.c handle()), so that other text
+    # on a traced port makes no state; empty lines are skipped only between
+    # messages of a connection it follows.
+    "request/sample.md:288": ([], "an empty line before the first request line"),
+    "request/sample.md:478": ([], "an empty line before the first request line"),
+}
 
 
 def expected_of(v: dict) -> list[tuple]:
@@ -37,7 +50,9 @@ def test_llhttp_vectors_over_real_tcp(node):
                    VECTORS, PORT, slog)
         node.ns_exec(client.ns, sys.executable, llhttp_wire.__file__, "client",
                      VECTORS, server.ip, PORT, clog, timeout=600)
-        recs = agent.new_records(sum(len(expected_of(v)) for v in vectors), timeout=30, settle=1)
+        want = sum(len(KNOWN_DIFFERENCES[v["id"]][0]) if v["id"] in KNOWN_DIFFERENCES
+                   else len(expected_of(v)) for v in vectors)
+        recs = agent.new_records(want, timeout=30, settle=1)
     finally:
         assert agent.stop() == 0
 
@@ -49,20 +64,24 @@ def test_llhttp_vectors_over_real_tcp(node):
         uri = r["url.path"] + ("?" + r["url.query"] if "url.query" in r else "")
         by_port[r["client.port"]].append((method, uri, r.get("http.response.status_code")))
 
+    assert len(vectors) == USABLE, f"{len(vectors)} usable vectors, expected {USABLE}"
+    assert sorted(port_of) == sorted(v["id"] for v in vectors), "a vector was not sent"
+    assert len(set(port_of.values())) == len(vectors), "two vectors on one client port"
     per_file = defaultdict(lambda: [0, 0])
-    wrong = []
+    differ = {}
     for v in vectors:
-        exp, got = expected_of(v), by_port.get(port_of.get(v["id"]), [])
+        exp, got = expected_of(v), by_port.pop(port_of[v["id"]], [])
         per_file[v["file"]][1] += 1
         if got == exp:
             per_file[v["file"]][0] += 1
-        elif any(g not in exp for g in got):
-            wrong.append((v["id"], exp, got))
-    total = sum(t for _, t in per_file.values())
-    agree = sum(a for a, _ in per_file.values())
-    print(f"\nllhttp vectors over TCP: {agree}/{total} agree")
+        else:
+            differ[v["id"]] = (exp, got)
+    assert not by_port, f"records on no vector's connection: {dict(by_port)}"
+    print(f"\nllhttp vectors over TCP: {sum(a for a, _ in per_file.values())}/{len(vectors)} agree")
     for f, (a, t) in sorted(per_file.items()):
         print(f"  {f:40} {a:3}/{t}")
-    # a record redtap writes must be right; a message it cannot follow may be missed
-    assert not wrong, wrong[:5]
-    assert agree >= 0.9 * total
+    unexplained = {i: d for i, d in differ.items()
+                   if i not in KNOWN_DIFFERENCES or d[1] != KNOWN_DIFFERENCES[i][0]}
+    assert not unexplained, f"(llhttp, redtap) per vector: {unexplained}"
+    gone = sorted(set(KNOWN_DIFFERENCES) - set(differ))
+    assert not gone, f"known differences that went away (update the list): {gone}"

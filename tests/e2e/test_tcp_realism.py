@@ -2,7 +2,9 @@
 big heads, chunked bodies, 100-continue uploads, a long download beside
 other traffic. Each scenario is captured with tshark on the server's veth
 and redtap's records are compared with tshark's HTTP dissector: the same
-requests, paired the same, timed within 100 µs (p99)."""
+requests, paired the same, timed within 100 µs (p99: two clocks, the hook's
+and the capture's, compared live). The agent runs for the whole module: each
+test takes the kernel counters it caused as a difference (kernel_since)."""
 from __future__ import annotations
 
 import sys
@@ -10,6 +12,8 @@ import time
 from datetime import datetime, timedelta
 
 import pytest
+
+from pyloader.kernel import abi
 
 from support.agentproc import AgentProc, client_lines
 from support.tshark_view import Capture, compare, p99, truth  # noqa: E402
@@ -56,6 +60,7 @@ def test_5_percent_loss_both_ways_2000_keepalive_requests(node, fresh, tmp_path)
     fast_rto(node, client)
     fast_rto(node, server)
     loss_rules(node, client, "-A")
+    before = fresh.counters_now()
     try:
         with Capture(node, server.veth, str(tmp_path / "loss.pcap"), "tcp port 80") as cap:
             cp = node.traffic(client.ns, "keepalive", server.ip, "80", "2000", "/status/l{i}",
@@ -68,8 +73,9 @@ def test_5_percent_loss_both_ways_2000_keepalive_requests(node, fresh, tmp_path)
     assert [(r["url.path"], r["http.response.status_code"]) for r in recs] == \
         [(s["path"], s["status"]) for s in sent]
     res = check_against_tshark(cap, recs, "loss-5pct-keepalive")
-    k = fresh.counters()["kernel"]
-    assert k["retransmits"] > 0, "no loss happened: the test proved nothing"
+    k = fresh.kernel_since(before)
+    assert k.get("retransmits", 0) > 0, f"no loss happened: the test proved nothing: {k}"
+    assert k["events"] == 2000 and k["requests"] == 2000, k
     print(f"loss: {k['retransmits']} retransmitted segments ignored, "
           f"{res['pairs']} pairs agree with tshark")
 
@@ -98,6 +104,7 @@ def test_mtu_576_with_4kb_headers(node, fresh, tmp_path):
 
 def test_chunked_responses_from_a_real_server(node, fresh, tmp_path):
     client, server = node.pods[2], node.pods[PY]
+    before = fresh.counters_now()
     with Capture(node, server.veth, str(tmp_path / "chunked.pcap"), "tcp port 8080") as cap:
         cp = node.traffic(client.ns, "keepalive", server.ip, "8080", "5",
                           "/py/chunked?n=20&size=700&i={i}")
@@ -105,7 +112,9 @@ def test_chunked_responses_from_a_real_server(node, fresh, tmp_path):
     assert [s["status"] for s in client_lines(cp)] == [200] * 5
     assert [r["http.response.body.size"] for r in recs] == [14000] * 5
     assert all(r["response.duration_ms"] >= 100 > r["duration_ms"] for r in recs)
-    assert fresh.counters()["kernel"]["chunked_bodies"] >= 5
+    k = fresh.kernel_since(before)
+    assert (k.get("chunked_bodies"), k.get("events")) == (5, 5), k
+    assert not set(k) & set(abi.LOSS_STATS), k
     check_against_tshark(cap, recs, "chunked")
 
 
@@ -114,6 +123,7 @@ def test_expect_100_continue_upload(node, fresh, tmp_path):
     body = str(tmp_path / "body.bin")
     with open(body, "wb") as f:
         f.write(b"u" * 200_000)
+    before = fresh.counters_now()
     with Capture(node, pod.veth, str(tmp_path / "expect.pcap"), "tcp port 8080") as cap:
         cp = node.curl(client.ns, "-H", "Expect: 100-continue", "--data-binary", "@" + body,
                        "-o", "/dev/null", "-w", "%{http_code}", f"http://{pod.ip}:8080/py/up")
@@ -121,7 +131,9 @@ def test_expect_100_continue_upload(node, fresh, tmp_path):
     assert cp.stdout == "201"
     assert (rec["http.request.method"], rec["http.response.status_code"]) == ("POST", 201)
     assert rec["http.request.body.size"] == 200_000
-    assert fresh.counters()["kernel"]["interim_responses"] >= 1
+    k = fresh.kernel_since(before)
+    assert (k.get("interim_responses"), k.get("responses"), k.get("events")) == (1, 1, 1), k
+    assert not set(k) & set(abi.LOSS_STATS), k
     check_against_tshark(cap, [rec], "expect-100-continue")
 
 

@@ -194,20 +194,22 @@ def test_tshark_second_opinion(node, fresh, tmp_path):
         os.killpg(cap.pid, signal.SIGINT)
         cap.wait(timeout=10)
     out = node.ns_exec(node.node_ns, "tshark", "-r", pcap, "-Y", "http", "-T", "fields",
-                       "-e", "tcp.stream", "-e", "http.request.method", "-e", "http.request.uri",
-                       "-e", "http.response.code").stdout
-    reqs, resps = {}, {}
+                       "-e", "tcp.srcport", "-e", "tcp.dstport", "-e", "http.request.method",
+                       "-e", "http.request.uri", "-e", "http.response.code").stdout
+    reqs, resps = {}, {}  # by the client's port, in capture order
     for line in out.splitlines():
-        stream, method, uri, code = (line.split("\t") + [""] * 4)[:4]
+        sport, dport, method, uri, code = (line.split("\t") + [""] * 5)[:5]
         for m, u in zip(method.split(","), uri.split(",")):
             if m:
-                reqs.setdefault(stream, []).append((m, u))
+                reqs.setdefault(int(sport), []).append((m, u))
         for c in code.split(","):
             if c:
-                resps.setdefault(stream, []).append(int(c))
-    truth = []
-    for stream in sorted(reqs, key=int):
-        truth += [(m, u, c) for (m, u), c in zip(reqs[stream], resps.get(stream, []))]
-    mine = [(r["http.request.method"], r["url.path"] + ("?" + r["url.query"] if "url.query" in r else ""),
-             r["http.response.status_code"]) for r in recs]
-    assert len(truth) == 11 and sorted(mine) == sorted(truth)
+                resps.setdefault(int(dport), []).append(int(c))
+    truth = {port: [(m, u, c) for (m, u), c in zip(rs, resps.get(port, []))]
+             for port, rs in reqs.items()}
+    mine = {}
+    for r in recs:
+        uri = r["url.path"] + ("?" + r["url.query"] if "url.query" in r else "")
+        mine.setdefault(r["client.port"], []).append(
+            (r["http.request.method"], uri, r["http.response.status_code"]))
+    assert sum(map(len, truth.values())) == 11 and mine == truth

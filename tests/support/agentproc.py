@@ -1,6 +1,7 @@
 """The agent as the end-to-end tests run it, and tc listings: helpers shared by tests."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import signal
@@ -69,6 +70,25 @@ class AgentProc:
     def counters(self) -> dict:
         stats = [l for l in self.lines() if l.get("event") in ("redtap.stats", "redtap.exit")]
         return stats[-1] if stats else {}
+
+    def counters_now(self, timeout: float = 10.0) -> dict:
+        """The first stats line written after this call (--stats-interval):
+        its counters include everything counted before the call."""
+        now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            for l in self.lines():
+                if l.get("event") in ("redtap.stats", "redtap.exit") and l["time"] > now:
+                    return l
+            assert self.proc.poll() is None, f"agent exited: {self.stderr()}"
+            time.sleep(0.1)
+        raise AssertionError(f"no stats line after {now} in {timeout} s")
+
+    def kernel_since(self, before: dict) -> dict:
+        """Kernel counters counted since @before (a counters_now() line), the
+        ones that changed."""
+        now, was = self.counters_now()["kernel"], before["kernel"]
+        return {k: v - was.get(k, 0) for k, v in now.items() if v != was.get(k, 0)}
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 15.0) -> int:
         if self.proc.poll() is None:

@@ -55,6 +55,9 @@ def observed(records: list[dict]) -> dict:
 
 
 def compare(pcap: str, log_path: str, endpoints=None) -> dict:
+    """problems: (connection 4-tuple, request index on it or None for the
+    whole connection, what differs); timing_err_ms: |redtap - tshark|
+    first-byte latency of every agreeing pair."""
     counters = replay(os.path.join(CORPUS, "pcaps", pcap), endpoints, log_path)
     with open(log_path) as f:
         recs = [json.loads(l) for l in f if l.strip()]
@@ -65,7 +68,7 @@ def compare(pcap: str, log_path: str, endpoints=None) -> dict:
     for key in sorted(set(exp) | set(obs), key=str):
         e, o = exp.get(key, []), obs.get(key, [])
         if len(e) != len(o):
-            problems.append(f"{key}: tshark {len(e)} requests, redtap {len(o)}")
+            problems.append((key, None, f"tshark {len(e)} requests, redtap {len(o)}"))
         for i, (te, to) in enumerate(zip(e, o)):
             m, uri, status, _, lat = te
             om, ouri, ostatus, _, odur, trunc = to
@@ -76,7 +79,8 @@ def compare(pcap: str, log_path: str, endpoints=None) -> dict:
                     timing.append(abs(odur - lat))
             else:
                 disagree += 1
-                problems.append(f"{key}#{i}: tshark {(m, uri[:60], status)} redtap {(om, ouri[:60], ostatus)}")
+                problems.append((key, i, f"tshark {(m, uri[:60], status)} "
+                                         f"redtap {(om, ouri[:60], ostatus)}"))
     n_exp = sum(len(v) for v in exp.values())
     return {"pcap": pcap, "expected": n_exp, "logged": len(recs), "agree": agree,
             "disagree": disagree, "problems": problems, "timing_err_ms": timing,
