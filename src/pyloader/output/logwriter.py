@@ -108,10 +108,22 @@ class LogWriter:
     # -- the agent's side ------------------------------------------------------
     def submit(self, data: bytes, lines: int) -> bool:
         """Queue whole lines (data ends with a newline). Never blocks on I/O;
-        False when the queue is full: the lines are dropped and counted."""
+        False when the queue is full: the lines that do not fit (the last
+        ones) are dropped and counted, those that fit are queued."""
         with self._cv:
-            if self._queued + lines > self.queue_lines or self._closing:
-                self.n["dropped_lines"] += lines
+            room = 0 if self._closing else self.queue_lines - self._queued
+            if lines > room:
+                kept, cut = 0, 0
+                while kept < room:  # the first `room` lines, whole
+                    nl = data.find(b"\n", cut)
+                    if nl < 0:
+                        break
+                    cut, kept = nl + 1, kept + 1
+                self.n["dropped_lines"] += lines - kept
+                if kept:
+                    self._q.append(data[:cut])
+                    self._queued += kept
+                    self._cv.notify()
                 return False
             self._q.append(data)
             self._queued += lines
