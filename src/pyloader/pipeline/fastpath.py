@@ -33,6 +33,7 @@ import orjson
 
 from pyloader.kernel import abi
 from pyloader.pipeline.record import url_parts
+from pyloader.pipeline.routes import server_key
 
 log = logging.getLogger("redtap.fastpath")
 
@@ -131,19 +132,15 @@ class FastPath:
         self.ctx = lib.rf_new(max_batch, 16, 16)
         if not self.ctx:
             raise MemoryError("recordfmt: rf_new")
-        bounds = (ctypes.c_double * (NB - 1))(*self.metrics_bounds())
-        lib.rf_set_metrics(self.ctx, bounds, 1 if self.metrics else 0)
+        if self.metrics is not None:  # (output.metrics imports prometheus_client: only then)
+            from pyloader.output.metrics import BOUNDS_MS
+            lib.rf_set_metrics(self.ctx, (ctypes.c_double * (NB - 1))(*BOUNDS_MS), 1)
         self.sample_fn = ctypes.cast(lib.rf_sample, ctypes.c_void_p).value
         self.servers, self.series, self.route_ids = Ids(), Ids(), Ids()
         self.generation = None
         self.renew_ids = False
         self.rendered = self.referenced = 0  # records by the helper, by the reference path
         self._render = accesslog._render
-
-    @staticmethod
-    def metrics_bounds():
-        from pyloader.output.metrics import BOUNDS_MS
-        return BOUNDS_MS
 
     @classmethod
     def create(cls, agent, lib: ctypes.CDLL | None = None) -> "FastPath | None":
@@ -305,8 +302,8 @@ class FastPath:
         route = [k for k in rest if k == ROUTE_KEY]
         if rest != var + names + route or var != [k for k in VAR_KEYS if k in var]:
             return  # a field the helper does not know: the reference path for these
-        server_id = self.servers(self._server_key(rec))
-        series_id = self.series(self._series_labels(rec))
+        server_id = self.servers(server_key(rec))
+        series_id = self.series(self._series_labels(rec)) if self.metrics is not None else 0
         route_id = self.route_ids(rec[ROUTE_KEY]) if route else 0
         if series_id >= MAX_SERIES or route_id >= MAX_ROUTES or server_id >= MAX_SERVERS:
             self.renew_ids = True  # after this batch (its metric cells use the ids)
@@ -353,11 +350,6 @@ class FastPath:
         self.servers, self.series, self.route_ids = Ids(), Ids(), Ids()
         self.lib.rf_forget_conns(self.ctx)
         self.lib.rf_forget_urls(self.ctx)
-
-    @staticmethod
-    def _server_key(rec: dict):
-        from pyloader.pipeline.routes import server_key
-        return server_key(rec)
 
     @staticmethod
     def _series_labels(rec: dict) -> tuple:
