@@ -15,7 +15,7 @@ NATIVE_SO := src/pyloader/data/librecordfmt.so
 
 BPF_CFLAGS := $(shell sh src/bpf/cflags.sh)  # one source with setup.py
 
-.PHONY: all bpf deps venv demo demo-cluster test test-unit test-bpf test-e2e test-cluster test-container test-kernel61 bench clean
+.PHONY: all bpf deps venv demo demo-cluster test test-unit test-bpf test-e2e test-cluster test-container test-kernel61 bench soak clean
 
 all: bpf
 
@@ -83,6 +83,12 @@ test-kernel61: venv bpf
 # results in bench/results/latest.{json,md}. BENCH_ARGS=--quick for a smoke run.
 bench: venv bpf
 	$(PY) bench/run.py $(BENCH_ARGS)
+
+# Memory over time (not part of `make test`; root; SOAK_MINUTES, default 60): the
+# agent as a node runs it, log only and names + metrics side by side, at a steady
+# rate; RSS curve, records vs nginx's count, losses. bench/results/soak-latest.*
+soak: venv bpf
+	$(PY) bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(OUT) $(PKG_OBJ) $(NATIVE_SO)

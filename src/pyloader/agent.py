@@ -18,6 +18,7 @@ from pyloader.errors import RedtapError
 from pyloader.libbpf.ringbuf import RingBuffer
 from pyloader.output.summary import RedSummary
 from pyloader.pipeline.fastpath import FastPath
+from pyloader.memory import rss_kb
 from pyloader.kernel.tracer import Tracer
 
 log = logging.getLogger("redtap.agent")
@@ -46,19 +47,6 @@ class AgentConfig:
     components: list = field(default_factory=list)  # pyloader.pipeline.component.Component
 
 
-def peak_rss_kb() -> int:
-    """Peak RSS of this process image (VmHWM). Not ru_maxrss: that survives
-    exec, so it would report the parent's size at fork (e.g. a big test runner)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return 0
-
-
 class UserStats:
     """Counters kept by the agent itself."""
 
@@ -67,6 +55,7 @@ class UserStats:
         self.bad_events = 0
         self.idle_unanswered = 0
         self.batches = 0
+        self.start_rss_kb = 0  # once started (programs loaded, ring mapped, names listed)
 
 
 class Agent:
@@ -117,6 +106,7 @@ class Agent:
                              interfaces=sorted(a.ifname for a in self.attacher.attached.values()),
                              record_path="native" if self.fast else "python")
         self.accesslog.flush()
+        self.stats.start_rss_kb = rss_kb()[0]
 
     def emit(self, rec: dict) -> None:
         """One record through the pipeline: processors, the log, observers."""
@@ -186,6 +176,7 @@ class Agent:
         k["lru_evicted_pending"] = max(0, k["pending_pushed"] - k["pending_popped"] - live
                                        - self.stats.idle_unanswered)
         ru = resource.getrusage(resource.RUSAGE_SELF)
+        rss, peak = rss_kb()
         extra = {}
         for c in self.cfg.components:
             extra.update(c.counters())
@@ -196,7 +187,9 @@ class Agent:
                       "idle_unanswered": self.stats.idle_unanswered,
                       "pending_requests": live,
                       "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
-                      "max_rss_kb": peak_rss_kb() or ru.ru_maxrss},
+                      "max_rss_kb": peak or ru.ru_maxrss, "rss_kb": rss,
+                      # since start(): with events, the growth per record (issue 14)
+                      "rss_growth_kb": rss - self.stats.start_rss_kb if self.stats.start_rss_kb else 0},
         }
 
     def log_counters(self, final: bool = False) -> None:

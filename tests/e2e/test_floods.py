@@ -133,7 +133,13 @@ def wait_fresh(agent) -> dict:
 
 
 def check_memory(agent) -> int:
-    rss = max(l["agent"]["max_rss_kb"] for l in stats_lines(agent))
+    lines = stats_lines(agent)
+    rss = max(l["agent"]["max_rss_kb"] for l in lines)
+    for l in lines:  # now <= peak; now - growth is the RSS at start, the same in every line
+        a = l["agent"]
+        assert 0 < a["rss_kb"] <= a["max_rss_kb"], a
+    starts = {l["agent"]["rss_kb"] - l["agent"]["rss_growth_kb"] for l in lines}
+    assert len(starts) == 1 and 0 < starts.pop() <= rss, [l["agent"] for l in lines]
     assert rss <= RSS_BOUND_KB, f"agent max RSS {rss} kB > {RSS_BOUND_KB} kB"
     return rss
 

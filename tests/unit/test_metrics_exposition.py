@@ -172,7 +172,7 @@ def test_kernel_agent_and_route_counters_are_exposed_as_counters():
     m = feed([])
     m.collector.snapshot = {"kernel": {n: i for i, n in enumerate(abi.STATS)} | {"lru_evicted_pending": 3},
                             "agent": {"events": 10, "bad_events": 1, "idle_unanswered": 2,
-                                      "pending_requests": 4},
+                                      "pending_requests": 4, "max_rss_kb": 9, "rss_growth_kb": 7},
                             "extra": {"k8s": {"pods": 5, "bad": "x"}}, "route_overflow": 6}
     fams = {f.name: f for f in parse_text(generate_latest(m.registry).decode())}
     for i, n in enumerate(abi.STATS):
@@ -182,6 +182,8 @@ def test_kernel_agent_and_route_counters_are_exposed_as_counters():
     assert fams["redtap_agent_events"].samples[0].value == 10
     assert fams["redtap_http_route_overflow"].samples[0].value == 6
     assert fams["redtap_agent_pending_requests"].type == "gauge"
+    assert fams["redtap_agent_rss_growth_bytes"].samples[0].value == 7 * 1024
+    assert fams["redtap_agent_peak_rss_bytes"].samples[0].value == 9 * 1024
     assert fams["redtap_k8s_pods"].samples[0].value == 5 and "redtap_k8s_bad" not in fams
     losses = {s.labels["counter"]: s.value for s in fams["redtap_kernel_losses"].samples}
     assert losses == {n: abi.STATS.index(n) for n in abi.LOSS_STATS} | {"lru_evicted_pending": 3}

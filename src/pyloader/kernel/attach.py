@@ -63,16 +63,43 @@ class TcAttacher:
     def __init__(self, progs: dict[str, tuple[int, int]]):
         """@progs: mode ("pod", "host") -> (requests fd, responses fd)."""
         self.progs = progs
-        self.ipr = IPRoute()
         self.lock = threading.RLock()
         self.attached: dict[int, Attachment] = {}
+        self._local = threading.local()
+        self._sockets: list[IPRoute] = []  # every thread's, for close()
+
+    @property
+    def ipr(self) -> IPRoute:
+        """The calling thread's netlink socket. pyroute2 keeps per-thread
+        state (event loop, message queue) in an IPRoute; one used by two
+        threads kept part of every answer the second thread got (the agent's
+        memory grew with each bridge rescan: issue 14)."""
+        ipr = getattr(self._local, "ipr", None)
+        if ipr is None:
+            ipr = self._local.ipr = IPRoute()
+            with self.lock:
+                self._sockets.append(ipr)
+        return ipr
+
+    def release_thread(self) -> None:
+        """Close the calling thread's socket (a thread that is ending)."""
+        ipr = getattr(self._local, "ipr", None)
+        if ipr is not None:
+            self._local.ipr = None
+            with self.lock:
+                self._sockets.remove(ipr)
+            ipr.close()
 
     # -- queries ---------------------------------------------------------
-    def ifindex(self, name: str) -> int:
-        idx = self.ipr.link_lookup(ifname=name)
-        if not idx:
-            raise RedtapError(f"interface {name} not found")
-        return idx[0]
+    @staticmethod
+    def ifindex(name: str) -> int:
+        """By libc (if_nametoindex), not pyroute2's link_lookup: in pyroute2
+        0.9 every lookup kept ~2 kB, and the bridge rescan looks the bridge
+        up every 2 s (issue 14)."""
+        try:
+            return socket.if_nametoindex(name)
+        except (OSError, ValueError):  # no such interface; a NUL in the name
+            raise RedtapError(f"interface {name} not found") from None
 
     def bridge_ports(self, bridge: str) -> dict[int, str]:
         """ifindex -> name of every interface enslaved to @bridge."""
@@ -181,7 +208,10 @@ class TcAttacher:
 
     def close(self) -> None:
         self.detach_all()
-        self.ipr.close()
+        with self.lock:
+            sockets, self._sockets = self._sockets, []
+        for ipr in sockets:
+            ipr.close()
 
 
 class BridgeFollower:
@@ -250,6 +280,7 @@ class BridgeFollower:
         finally:
             self._ready.set()
             mon.close()
+            self.attacher.release_thread()
 
     def stop(self) -> None:
         self._stop.set()

@@ -34,6 +34,7 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import Metric
 
 from pyloader.kernel.abi import LOSS_STATS
+from pyloader.memory import rss_kb
 from pyloader.pipeline.component import Component
 from pyloader.errors import RedtapError
 from pyloader.pipeline.routes import RouteTable, server_key
@@ -239,6 +240,11 @@ class RedCollector:
         for name in ("events", "bad_events", "idle_unanswered"):
             if name in agent:
                 yield _counter(f"redtap_agent_{name}", f"agent counter {name}", agent[name])
+        if "rss_growth_kb" in agent:  # with redtap_agent_events_total: growth per record
+            yield _gauge("redtap_agent_rss_growth_bytes", "resident memory gained since the "
+                         "agent started (programs loaded, ring mapped)", agent["rss_growth_kb"] << 10)
+            yield _gauge("redtap_agent_peak_rss_bytes", "peak resident memory",
+                         agent["max_rss_kb"] << 10)
         if "pending_requests" in agent:
             yield _gauge("redtap_agent_pending_requests", "requests waiting for a response "
                          "in the kernel's connection map", agent["pending_requests"])
@@ -329,11 +335,13 @@ class MetricsComponent(Component):
         kernel = agent.tracer.stats()
         kernel["lru_evicted_pending"] = self._last_full.get("lru_evicted_pending", 0)
         st = agent.stats
+        rss, peak = rss_kb()
         self.collector.snapshot = {
             "kernel": kernel,
             "agent": {"events": st.events, "bad_events": st.bad_events,
                       "idle_unanswered": st.idle_unanswered,
-                      "pending_requests": self._last_full.get("pending_requests", 0)},
+                      "pending_requests": self._last_full.get("pending_requests", 0),
+                      "max_rss_kb": peak, "rss_growth_kb": rss - st.start_rss_kb if st.start_rss_kb else 0},
             "extra": self._last_full.get("extra", {}),
             "route_overflow": self.routes.overflowed,
         }
