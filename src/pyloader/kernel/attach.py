@@ -26,6 +26,7 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from pyloader.errors import RedtapError
+from pyloader.kernel.links import ports_of
 
 log = logging.getLogger("redtap.attach")
 
@@ -103,9 +104,7 @@ class TcAttacher:
 
     def bridge_ports(self, bridge: str) -> dict[int, str]:
         """ifindex -> name of every interface enslaved to @bridge."""
-        br = self.ifindex(bridge)
-        return {m["index"]: m.get_attr("IFLA_IFNAME") for m in self.ipr.get_links()
-                if m.get_attr("IFLA_MASTER") == br}
+        return ports_of(self.ifindex(bridge))  # a dump of our own (kernel/links.py)
 
     def our_filters(self, ifindex: int) -> list[tuple[int, int, int, int, str]]:
         """(parent, prio, protocol, handle, name) of redtap filters on both hooks."""
