@@ -354,16 +354,18 @@ def run_pipeline(node, n: int, tag: str, *, pad: int, port: int, ok: str, bad: s
     check_accounting(k, final["agent"])
     idx, wrong = number_records(pipe, n, ok, bad, bad_status)
     # independent causes of a segment missing at a hook: a drop on a device
-    # of the node (a veth's backlog queue: before or after the hook), a
-    # receiver's out-of-order queue (overtaken on the way), a sender's
-    # retransmit (a drop anywhere), or a segment the kernel itself skipped
+    # of the node (a veth's backlog queue: before or after the hook; the
+    # machine's backlog drops, /proc/net/softnet_stat, too), a receiver's
+    # out-of-order queue (overtaken on the way), a sender's retransmit (a
+    # drop anywhere), or a segment the kernel itself skipped
     # (concurrent_segments: the claim's bounded wait, its documented limit)
     drops = sum(c["rx_dropped"] + c["tx_dropped"]
                 for devs in net["links"].values() for c in devs.values())
     ofo = sum(c["TCPOFOQueue"] for c in net["tcp"].values())
     retrans = sum(c["RetransSegs"] for c in net["tcp"].values())
     tcp = res["tcp"]
-    causes = {"drops": drops, "ofo": ofo, "retrans": retrans,
+    causes = {"drops": drops, "backlog_drops": net["softnet_dropped"], "ofo": ofo,
+              "retrans": retrans,
               "concurrent": k["concurrent_segments"],
               "client_retrans": tcp["total_retrans"], "client_reord": tcp["reord_seen"],
               "client_ooo": tcp["rcv_ooopack"]}
@@ -458,22 +460,23 @@ def check_pipeline(p: dict, n: int) -> None:
     assert r and r[0][0] <= r[0][2], f"request 0 not logged: runs {r[:3]}"
     short = [x for x in r[:-1] if x[1] - x[0] + 1 + x[2] < abi.MAX_PIPELINE]
     assert not short, f"runs of logged requests shorter than the FIFO: {short[:5]} of {len(r)}"
-    # skipped between the runs (the unknown ones aside)
-    skipped = sum(a2 - b1 - 1 for (_, b1, _), (a2, _, _) in zip(r, r[1:])) - \
-        sum(x[2] for x in r[1:]) - (r[0][2] - r[0][0] if r else 0)
+    # the requests before the last one logged that are not: skipped, counted
+    trailing = len(idx) - max(j for j, i in enumerate(idx) if i is not None) - 1
+    skipped = r[-1][1] + 1 - (len(idx) - trailing)
     assert k["fifo_overflow"] >= skipped, (skipped, k)
     # loss signals and their independent causes
     assert k["header_too_long"] == 0 and k["unsupported_framing"] == 0, k  # none sent
     assert k["connections_given_up"] <= 1, k  # one pipelining connection
     assert k["connections_given_up"] <= k["gaps"] + k["parse_failed"], k  # each after a lost sync
-    witnesses = p["causes"]["drops"] + p["causes"]["ofo"] + p["causes"]["concurrent"]
+    c = p["causes"]
+    witnesses = c["drops"] + c["backlog_drops"] + c["ofo"] + c["concurrent"]
     assert k["gaps"] <= witnesses, f"gaps without a dropped, overtaken or skipped segment: " \
-                                   f"{k['gaps']} > {p['causes']}"
-    lost = [i for i, rec in zip(idx, pipe) if "http.response.status_code" not in rec]
-    assert all(rec["error.type"] == "response_not_seen" for rec in pipe
-               if "http.response.status_code" not in rec), pipe[:3]
-    if lost:  # reported when the stream lost its sync
-        assert k["gaps"] + k["parse_failed"] >= 1, (len(lost), k)
+                                   f"{k['gaps']} > {c}"
+    lost = [rec for rec in pipe if "http.response.status_code" not in rec]
+    assert all(rec["error.type"] in ("response_not_seen", "no_response") for rec in lost)
+    if lost:  # reported when the stream lost its sync (or a skipped last segment left
+        # requests pending when the server closed)
+        assert k["gaps"] + k["parse_failed"] + c["concurrent"] >= 1, (len(lost), k)
     print(f"pipeline: logged {len(pipe)} ({len(lost)} lost) in {len(r)} runs, "
           f"fifo_overflow {k['fifo_overflow']}, gaps {k['gaps']}, parse_failed "
           f"{k['parse_failed']}, given up {k['connections_given_up']}, causes {p['causes']}, "
@@ -515,7 +518,7 @@ def test_pipelining_10k_without_reading(flood_node, cpu):
         assert len(p["pipe"]) + k["fifo_overflow"] >= seen, (len(p["pipe"]), seen, k)
         first = min(seen, abi.MAX_PIPELINE)  # the FIFO's room: none of them skipped
         assert first_logged(p["idx"], first), f"the first {first} requests not all logged"
-    if not (c["drops"] or c["ofo"] or c["concurrent"]):  # no segment missing at a hook
+    if not (c["drops"] or c["backlog_drops"] or c["ofo"] or c["concurrent"]):  # none missing
         assert k["gaps"] == 0 and k["connections_given_up"] == 0, k
         assert k["fifo_overflow"] > 0 and len(p["pipe"]) >= abi.MAX_PIPELINE, k
         assert len(p["pipe"]) + k["fifo_overflow"] == n, (len(p["pipe"]), k)
@@ -544,5 +547,5 @@ def test_pipelining_10k_tiny_messages_losses_counted(flood_node):
     if not p["causes"]["concurrent"]:
         assert first_logged(p["idx"], seen), f"the first {seen} requests not all logged"
     c = p["causes"]
-    if not (k["parse_failed"] or c["drops"] or c["ofo"] or c["concurrent"]):
+    if not (k["parse_failed"] or c["drops"] or c["backlog_drops"] or c["ofo"] or c["concurrent"]):
         assert len(p["pipe"]) + k["fifo_overflow"] == n, (len(p["pipe"]), k)
