@@ -370,7 +370,8 @@ def run_pipeline(node, n: int, tag: str, *, pad: int, port: int, ok: str, bad: s
               "client_retrans": tcp["total_retrans"], "client_reord": tcp["reord_seen"],
               "client_ooo": tcp["rcv_ooopack"]}
     p = {"pipe": pipe, "idx": idx, "k": k, "wrong": wrong, "res": res, "net": net,
-         "causes": causes, "control": len(control.sent), "rss": check_memory(agent)}
+         "causes": causes, "control": len(control.sent), "rss": check_memory(agent),
+         "unanswered": sum("http.response.status_code" not in r for r in recs)}
     check_pipeline(p, n)
     return p
 
@@ -474,6 +475,10 @@ def check_pipeline(p: dict, n: int) -> None:
                                    f"{k['gaps']} > {c}"
     lost = [rec for rec in pipe if "http.response.status_code" not in rec]
     assert all(rec["error.type"] in ("response_not_seen", "no_response") for rec in lost)
+    # each one an event the kernel counted as such (the agent's idle sweep is off)
+    assert k["unanswered"] == p["unanswered"] == len(lost), (len(lost), k)
+    rns = sum(rec["error.type"] == "response_not_seen" for rec in lost)
+    assert rns <= k["resync_dropped"] <= rns + k["requests_evicted"] + k["ringbuf_full"], k
     if lost:  # reported when the stream lost its sync (or a skipped last segment left
         # requests pending when the server closed)
         assert k["gaps"] + k["parse_failed"] + c["concurrent"] >= 1, (len(lost), k)
