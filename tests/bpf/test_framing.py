@@ -224,11 +224,15 @@ def test_response_head_split_at_every_byte(h):
     for cut in range(1, len(first)):
         c = P.Conn(client=("198.18.0.21", 20000 + cut))
         h.req(c.req(P.get("/a") + P.get("/b")))
+        before = time.monotonic_ns()  # the program's clock (bpf_ktime_get_ns)
         h.resp(c.resp(first[:cut]))
+        between = time.monotonic_ns()
         h.resp(c.resp(first[cut:] + second))
         evs = h.events()
         assert [(e["url"], e["status"]) for e in evs] == [(b"/a", 200), (b"/b", 404)], cut
         assert evs[0]["resp_body"] == 12 and evs[0]["flags"] & END == END, cut
+        # the first byte came in the first segment, the last in the second
+        assert before <= evs[0]["resp_ns"] <= between <= evs[0]["resp_last_ns"], cut
     assert not set(h.stats()) & set(abi.LOSS_STATS)
 
 
@@ -237,11 +241,14 @@ def test_request_head_split_at_every_byte(h):
     target, at = b"/p?q=1", len(b"POST ")
     for cut in range(1, len(first)):
         c = P.Conn(client=("198.18.0.22", 20000 + cut))
+        before = time.monotonic_ns()  # the program's clock (bpf_ktime_get_ns)
         h.req(c.req(first[:cut]))
+        between = time.monotonic_ns()
         h.req(c.req(first[cut:] + P.get("/g")))
         h.resp(c.resp(P.response(201) + P.response(200)))
         evs = h.events()
         assert [(e["method"], e["status"]) for e in evs] == [("POST", 201), ("GET", 200)], cut
+        assert before <= evs[0]["req_ns"] <= between <= evs[1]["req_ns"], cut  # its first byte
         assert evs[1]["url"] == b"/g" and not evs[1]["flags"] & abi.EV_URL_TRUNCATED, cut
         assert evs[0]["req_body"] == 18, cut
         url, flagged = evs[0]["url"], bool(evs[0]["flags"] & abi.EV_URL_TRUNCATED)

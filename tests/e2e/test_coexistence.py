@@ -69,11 +69,12 @@ char LICENSE[] SEC("license") = "GPL";
 CLIENT_LOOP = r"""
 import json, sys, time
 from pyloader.lab.trafficgen import connect, read_response
-host, port, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+import os
+host, port, stop = sys.argv[1], int(sys.argv[2]), sys.argv[3]
 ok, failed, errors, conns, done = 0, 0, [], 0, []
-end = time.monotonic() + seconds
+end = time.monotonic() + 600  # a bound; the test says when (its file @stop)
 i = 0
-while time.monotonic() < end:
+while time.monotonic() < end and not os.path.exists(stop):
     try:
         s = connect(host, port)
         conns += 1
@@ -237,10 +238,10 @@ def test_kill9_under_load_and_restarts_never_break_a_request(node, clean):
     kills = 3
     # thousands of connections closed by the client: their TIME_WAIT ports
     node.ns_exec(pod2.ns, "sysctl", "-qw", "net.ipv4.ip_local_port_range=1024 65535")
-    out = os.path.join(node.dir, "loop.out")
-    with open(out, "w") as f:
-        loop = node.spawn(pod2.ns, sys.executable, "-c", CLIENT_LOOP, pod0.ip, "80",
-                          str(6 + 4 * (kills + 1)), stdout=f)
+    out, stop = os.path.join(node.dir, "loop.out"), os.path.join(node.dir, "loop.stop")
+    with open(out, "w") as f:  # until the last run has exited (however long starts take)
+        loop = node.spawn(pod2.ns, sys.executable, "-c", CLIENT_LOOP, pod0.ip, "80", stop,
+                          stdout=f)
     progs: set[int] = set()
     maps: set[int] = set()
     agents = []
@@ -263,6 +264,8 @@ def test_kill9_under_load_and_restarts_never_break_a_request(node, clean):
         stopping = time.monotonic()
         assert agents[-1].stop() == 0, agents[-1].stderr()
         exited = time.monotonic()  # detached by now
+        time.sleep(0.5)  # requests after it
+        open(stop, "w").close()
         assert loop.wait(timeout=120) == 0
     finally:
         for a in agents:

@@ -12,9 +12,9 @@ prints JSON lines: what it did, so the test compares with the log.
     synflood HOST PORT COUNT DATA  COUNT spoofed SYNs from 198.19.0.0/16 (raw
                                    socket); DATA=1: each with a request as payload
     pipeline HOST PORT N WAIT PAD [OK BAD]  N pipelined requests (each with a
-                                   PAD-byte header; every third to BAD) written
-                                   without reading, WAIT seconds, then all N
-                                   responses read
+                                   PAD-byte header; request i to OK + i, every
+                                   third to BAD + ?n=i) written without reading,
+                                   WAIT seconds, then all N responses read
 """
 from __future__ import annotations
 
@@ -188,24 +188,88 @@ def synflood(host: str, port: int, count: int, with_data: bool) -> None:
     out(sent=sent, seconds=round(time.monotonic() - t0, 2))
 
 
+class _Counted:
+    """A socket file that counts the bytes read through it."""
+
+    def __init__(self, f):
+        self.f, self.pos = f, 0
+
+    def readline(self) -> bytes:
+        b = self.f.readline()
+        self.pos += len(b)
+        return b
+
+    def read(self, n: int) -> bytes:
+        b = self.f.read(n)
+        self.pos += len(b)
+        return b
+
+
+# struct tcp_info (linux/tcp.h): (offset, format) of the fields read
+TCP_INFO = {"total_retrans": (100, "I"), "bytes_acked": (120, "Q"),
+            "bytes_received": (128, "Q"), "reord_seen": (220, "I"), "rcv_ooopack": (224, "I")}
+
+
+def tcp_info(c: socket.socket) -> dict:
+    raw = c.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 232)
+    return {k: struct.unpack_from(f, raw, o)[0] for k, (o, f) in TCP_INFO.items()}
+
+
+def watch_tcp(c: socket.socket, done: threading.Event, seen: dict) -> None:
+    """Poll the connection's TCP_INFO until @done. seen["clean_sent"]: bytes
+    the server had acknowledged when this side had not yet retransmitted nor
+    heard of reordering, the last time that was so; seen["clean_received"]:
+    bytes received in order while none had arrived out of order. A segment
+    lost (or overtaken) on the way lies beyond them."""
+    while True:
+        last = done.is_set()  # then once more: what came in after the last look
+        i = tcp_info(c)
+        if not (i["total_retrans"] or i["reord_seen"]):
+            seen["clean_sent"] = i["bytes_acked"]
+        if not i["rcv_ooopack"]:
+            seen["clean_received"] = i["bytes_received"]
+        if last:
+            return
+        time.sleep(0.0005)
+
+
 def pipeline(host: str, port: int, n: int, wait: float, pad: int,
              ok_path: str = "/status/pipe", bad_path: str = "/error") -> None:
     """Every third request goes to BAD_PATH (another status), so that any
-    mispairing in the log shows; each request padded by a PAD-byte header."""
+    mispairing in the log shows; each request padded by a PAD-byte header.
+    Says how many requests (and responses) went through before the first
+    sign of a lost or reordered segment (TCP_INFO, polled), and the
+    connection's totals."""
     c = socket.create_connection((host, port), timeout=60)
-    paths = [f"{bad_path}" if i % 3 == 0 else f"{ok_path}{i}" for i in range(n)]
+    paths = [f"{bad_path}?n={i}" if i % 3 == 0 else f"{ok_path}{i}" for i in range(n)]
     extra = b"X-Pad: %s\r\n" % (b"p" * pad) if pad else b""
-    data = b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (p.encode(), extra)
-                    for p in paths)
+    reqs = [b"GET %s HTTP/1.1\r\nHost: x\r\n%s\r\n" % (p.encode(), extra) for p in paths]
+    data = b"".join(reqs)
+    seen = {"clean_sent": 0, "clean_received": 0}
+    done = threading.Event()
+    watcher = threading.Thread(target=watch_tcp, args=(c, done, seen), daemon=True)
+    watcher.start()
     sender = threading.Thread(target=c.sendall, args=(data,), daemon=True)
     sender.start()
     time.sleep(wait)  # not reading: the server's output and then our output stall
-    f = c.makefile("rb")
+    f = _Counted(c.makefile("rb"))
     from pyloader.lab.trafficgen import read_response
-    statuses = [read_response(f) for _ in range(n)]
+    statuses, ends = [], []
+    for _ in range(n):
+        statuses.append(read_response(f))
+        ends.append(f.pos)
     sender.join(timeout=30)
+    done.set()
+    watcher.join()
+    final = tcp_info(c)
     c.close()
-    out(sent=n, statuses={str(s): statuses.count(s) for s in set(statuses)})
+    req_ends, pos = [], 0
+    for r in reqs:
+        pos += len(r)
+        req_ends.append(pos)
+    out(sent=n, statuses={str(s): statuses.count(s) for s in set(statuses)},
+        clean_requests=sum(e <= seen["clean_sent"] for e in req_ends),
+        clean_responses=sum(e <= seen["clean_received"] for e in ends), tcp=final)
 
 
 def main() -> None:
