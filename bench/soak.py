@@ -24,6 +24,7 @@ import argparse
 import json
 import os
 import re
+import signal
 import sys
 import threading
 import time
@@ -267,6 +268,8 @@ def main(argv=None) -> int:
     if os.geteuid() != 0:
         print("soak: needs root (namespaces, BPF)", file=sys.stderr)
         return 2
+    # SIGTERM (timeout, a CI runner) unwinds like ^C: the nodes are torn down
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     soaks = []
     try:
         for name in args.configs.split(","):
