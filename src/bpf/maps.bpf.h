@@ -124,8 +124,11 @@ static __always_inline struct scratch *get_scratch(void)
 /* Add @n to counter @idx (enum stat_idx) of this CPU. */
 static __always_inline void stat_add(__u32 idx, __u64 n)
 {
-	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+	__u64 *v;
 
+	if (STAGE_NO_STATS)
+		return;
+	v = bpf_map_lookup_elem(&stats, &idx);
 	if (v)
 		*v += n;
 }

@@ -304,7 +304,8 @@ static __always_inline int parse_response(struct __sk_buff *skb, struct conn_sta
 				struct pending_req *req;
 
 				rkey = PENDING_KEY(scratch->rkey, args->key, conn->head);
-				req = bpf_map_lookup_elem(&pending, rkey);
+				req = STAGE_NO_PENDING ? &scratch->req :
+							 bpf_map_lookup_elem(&pending, rkey);
 				method = req ? req->method : M_UNKNOWN;
 				conn->resp_method = method;
 				conn->resp_status = status;

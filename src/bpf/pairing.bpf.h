@@ -40,10 +40,14 @@ __noinline int emit(struct conn_key *key, __u32 seq, struct emit_args *outcome)
 	if (!key || !outcome || !scratch)
 		return 0;
 	rkey = PENDING_KEY(scratch->ekey, *key, seq);
-	req = bpf_map_lookup_elem(&pending, rkey);
+	req = STAGE_NO_PENDING ? &scratch->req : bpf_map_lookup_elem(&pending, rkey);
 	if (!req) {
 		stat_inc(S_REQ_EVICTED);
 		return 0;
+	}
+	if (STAGE_NO_RINGBUF) {
+		stat_inc(S_EVENTS);
+		goto out;
 	}
 	event = bpf_ringbuf_reserve(&events, sizeof(*event), 0);
 	if (!event) {
@@ -73,7 +77,8 @@ __noinline int emit(struct conn_key *key, __u32 seq, struct emit_args *outcome)
 	if (outcome->reason)
 		stat_inc(S_UNANSWERED);
 out:
-	bpf_map_delete_elem(&pending, rkey);
+	if (!STAGE_NO_PENDING)
+		bpf_map_delete_elem(&pending, rkey);
 	return 0;
 }
 
@@ -107,7 +112,8 @@ static __always_inline void fifo_skip(struct conn_state *conn)
 static __always_inline int fifo_push(struct conn_state *conn, const struct walk_args *args,
 				     struct scratch *scratch)
 {
-	if (bpf_map_update_elem(&pending, PENDING_KEY(scratch->rkey, args->key, conn->tail),
+	if (!STAGE_NO_PENDING &&
+	    bpf_map_update_elem(&pending, PENDING_KEY(scratch->rkey, args->key, conn->tail),
 				&scratch->req, BPF_ANY)) {
 		stat_inc(S_PENDING_MAP_FULL);
 		fifo_skip(conn);
@@ -293,7 +299,7 @@ static __always_inline void message_done(struct conn_state *conn, struct walk_ar
 			struct pending_req *req;
 
 			rkey = PENDING_KEY(scratch->rkey, args->key, conn->tail - 1);
-			req = bpf_map_lookup_elem(&pending, rkey);
+			req = STAGE_NO_PENDING ? &scratch->req : bpf_map_lookup_elem(&pending, rkey);
 			if (req) {
 				req->req_body = size > 0xffffffffULL ? 0xffffffff : size;
 				req->flags |= EV_REQ_BODY;
