@@ -74,11 +74,8 @@ def build(names) -> dict[str, str]:
         subprocess.run([os.environ.get("CLANG", "clang"), *cflags(), *VARIANTS[name], "-c",
                         "src/bpf/redtap.bpf.c", "-o", path], cwd=ROOT, check=True)
         out[name] = path
-    floor = os.path.join(ROOT, "build", "floor.bpf.o")
-    if os.path.exists(os.path.join(HERE, "floor.bpf.c")):
-        subprocess.run([os.environ.get("CLANG", "clang"), *cflags(), "-c", "bench/floor.bpf.c",
-                        "-o", floor], cwd=ROOT, check=True)
-        out["floor"] = floor
+    import floor
+    out["floor"] = floor.build()
     return out
 
 
