@@ -48,7 +48,6 @@ print(json.dumps(got), flush=True)
 
 
 def capture() -> dict:
-    sys.path.insert(0, HERE)
     from pyloader.lab.netnode import Node
     import loadgen
 

@@ -28,9 +28,8 @@ import time
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 BUILD = os.path.join(ROOT, "build", "stages")
-sys.path.insert(0, HERE)
 
-from packets import Frames  # noqa: E402
+from packets import Frames
 
 NEVER_WAKE = 0xFFFFFFFF
 
@@ -174,8 +173,8 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--pairs", type=int, default=2000, help="pairs per variant per pass")
-    ap.add_argument("--passes", type=int, default=5)
+    ap.add_argument("--pairs", type=int, default=500, help="pairs per variant per pass")
+    ap.add_argument("--passes", type=int, default=20)
     ap.add_argument("--json", help="also write the table here (JSON)")
     ap.add_argument("--md", help="and here (Markdown)")
     a = ap.parse_args()

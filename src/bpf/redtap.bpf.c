@@ -85,20 +85,20 @@ static __always_inline int traced(struct scratch *scratch, struct pkt *pkt, int 
 	__u32 zero = 0;
 	__u8 *ep, *rev;
 
+	set = bpf_map_lookup_elem(&settings, &zero);
+	if (!set)
+		return 0;
 	/* the server end: destination of requests, source of responses */
 	ek->prefixlen = 144;
 	__builtin_memcpy(ek->addr, *is_req ? pkt->dst : pkt->src, 16);
 	ek->port = bpf_htons(*is_req ? pkt->dport : pkt->sport);
-	ep = bpf_map_lookup_elem(&endpoints, ek);
-	if (!pod_side || (ep && (*ep & EP_PORT)))
-		return ep != 0;
-	set = bpf_map_lookup_elem(&settings, &zero);
-	if (!set || !set->host_endpoints)
+	ep = endpoint_lookup(ek, set);
+	if (!pod_side || (ep && (*ep & EP_PORT)) || !set->host_endpoints)
 		return ep != 0;
 	/* a pod talking to a server of the node's host stack? */
 	__builtin_memcpy(ek->addr, *is_req ? pkt->src : pkt->dst, 16);
 	ek->port = bpf_htons(*is_req ? pkt->sport : pkt->dport);
-	rev = bpf_map_lookup_elem(&endpoints, ek);
+	rev = endpoint_lookup(ek, set);
 	if (rev && (*rev & EP_HOST)) {
 		*is_req = !*is_req;
 		return 1;

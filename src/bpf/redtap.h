@@ -90,7 +90,8 @@ enum stat_idx {
 	S_NR,
 };
 
-/* Endpoint filter: LPM trie key. Address first, then port, so that one
+/* Endpoint filter: LPM trie key (also the key of the exact IP:PORT hash,
+ * prefixlen 144 there). Address first, then port, so that one
  * lookup with the full key matches, longest first:
  *   IP:PORT -> prefixlen 144, IP -> 128, CIDR -> 96+n (v4) or n (v6),
  *   everything (wildcard) -> 0.
@@ -114,7 +115,9 @@ enum endpoint_flags {
 struct settings {
 	__u32 host_endpoints; /* entries with EP_HOST (0: pod-side hooks skip
 			       * the second lookup)                            */
-	__u32 pad;
+	__u32 trie_only;      /* entries without a port (IP, CIDR, wildcard):
+			       * only in the trie (0: a miss in the exact hash
+			       * of IP:PORT entries is final)                   */
 };
 
 /* Connection key: the TCP 4-tuple, always client -> server. */

@@ -62,7 +62,7 @@ EP_TRACED, EP_PORT, EP_HOST = 1, 2, 4
 
 
 class Settings(ctypes.Structure):
-    _fields_ = [("host_endpoints", u32), ("pad", u32)]
+    _fields_ = [("host_endpoints", u32), ("trie_only", u32)]
 
 
 class ConnKey(ctypes.Structure):

@@ -30,7 +30,8 @@ class Tracer:
         self.resp = obj.program(self.RESP_PROG)
         self.pod_req = obj.program(self.POD_REQ_PROG)
         self.pod_resp = obj.program(self.POD_RESP_PROG)
-        self.endpoints = EndpointTable(obj.map("endpoints"), obj.map("settings"))
+        self.endpoints = EndpointTable(obj.map("endpoints"), obj.map("settings"),
+                                       exact_map=obj.map("endpoint_ports"))
         self.conns = obj.map("conns")      # 4-tuple -> connection state (FIFO head/tail)
         self.pending = obj.map("pending")  # (4-tuple, number) -> a request waiting for its answer
         self.stats_map = obj.map("stats", percpu=True)
