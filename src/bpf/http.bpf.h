@@ -159,12 +159,11 @@ static __always_inline long scan_one(struct head_scan *s, __u8 c, __u32 pos)
 	return 0;
 }
 
-/* bpf_loop callback: the bytes up to the next one that matters, and that
- * one (a byte at a time inside a Content-Length value and within the last
- * 8 bytes of the window). Returns 1 to stop. */
-static long scan_step(__u32 i, void *ctx)
+/* The bytes up to the next one that matters, and that one (a byte at a
+ * time inside a Content-Length value and within the last 8 bytes of the
+ * window). Returns 1 to stop. */
+static __always_inline long scan_advance(struct scan_window *win)
 {
-	struct scan_window *win = ((struct scan_cb *)ctx)->win;
 	struct head_scan *s = &win->h;
 	__u32 at = win->at;
 	__u8 c;
@@ -202,6 +201,20 @@ static long scan_step(__u32 i, void *ctx)
 	s->w1 = (s->w1 << 8) | (s->w0 >> 56);
 	s->w0 = (s->w0 << 8) | c;
 	return scan_one(s, c, s->base + at);
+}
+
+#define SCAN_ADVANCES 8 /* per bpf_loop step: fewer callback calls */
+
+/* bpf_loop callback: SCAN_ADVANCES advances. Returns 1 to stop. */
+static long scan_step(__u32 i, void *ctx)
+{
+	struct scan_window *win = ((struct scan_cb *)ctx)->win;
+
+#pragma unroll
+	for (int j = 0; j < SCAN_ADVANCES; j++)
+		if (scan_advance(win))
+			return 1;
+	return 0;
 }
 
 enum head_scan_result {

@@ -28,6 +28,17 @@
 	&(dst);					\
 })
 
+/* Copy a request-target of @len (<= MAX_URL_LEN) bytes from @src, in
+ * 64-byte blocks: the bytes after @len to the block's end come along (and
+ * mean nothing: readers take url_len bytes). */
+static __always_inline void url_copy(char *dst, const char *src, __u32 len)
+{
+#pragma unroll
+	for (int b = 0; b < MAX_URL_LEN / 64; b++)
+		if (len > b * 64)
+			__builtin_memcpy(dst + b * 64, src + b * 64, 64);
+}
+
 /* Does @conn's inline slot hold request number @seq? (An atomic read:
  * the slot's bytes are read after it.) */
 static __always_inline int inline_holds(struct conn_state *conn, __u32 seq)
@@ -93,7 +104,7 @@ __noinline int emit(struct conn_key *key, struct conn_state *conn, __u32 seq,
 	event->ifindex = outcome->ifindex;
 	event->pad = 0;
 	__builtin_memcpy(event->method_name, req->method_name, METHOD_NAME_LEN);
-	__builtin_memcpy(event->url, req->url, MAX_URL_LEN);
+	url_copy(event->url, req->url, event->url_len);
 	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
 	bpf_ringbuf_submit(event, avail >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 	stat_inc(S_EVENTS);
@@ -143,7 +154,9 @@ static __always_inline int fifo_push(struct conn_state *conn, const struct walk_
 	} else if (__sync_val_compare_and_swap(&conn->inline_used, INLINE_FREE,
 					       INLINE_FILLING) == INLINE_FREE) {
 		/* fill, then publish (an atomic exchange orders the writes) */
-		__builtin_memcpy(&conn->inline_req, &scratch->req, sizeof(scratch->req));
+		__builtin_memcpy(&conn->inline_req, &scratch->req,
+				 __builtin_offsetof(struct pending_req, url));
+		url_copy(conn->inline_req.url, scratch->req.url, scratch->req.url_len);
 		conn->inline_seq = conn->tail;
 		__sync_lock_test_and_set(&conn->inline_used, INLINE_HELD);
 	} else if (bpf_map_update_elem(&pending, PENDING_KEY(scratch->rkey, args->key, conn->tail),
