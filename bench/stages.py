@@ -14,6 +14,9 @@ measured in interleaved passes; the ring buffer is emptied between batches.
 
 "test_run entry" is what BPF_PROG_TEST_RUN itself adds to a run (cut at the
 program's entry); "program" excludes it.
+
+--baseline REV also builds the object of git revision REV (e.g. main) and
+measures its full run in the same passes: a before/after from one run.
 """
 from __future__ import annotations
 
@@ -65,6 +68,34 @@ def cflags() -> list[str]:
                           capture_output=True).stdout.split()
 
 
+def build_baseline(rev: str) -> str:
+    """The object of git revision @rev (its src/bpf and vmlinux.h)."""
+    src = os.path.join(BUILD, "baseline-src")
+    subprocess.run(["rm", "-rf", src], check=True)
+    os.makedirs(src)
+    tar = subprocess.run(["git", "archive", rev, "src/bpf", "vmlinux.h"], cwd=ROOT, check=True,
+                         capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", src], input=tar, check=True)
+    path = os.path.join(BUILD, "baseline.bpf.o")
+    subprocess.run([os.environ.get("CLANG", "clang"), *cflags(), "-c", "src/bpf/redtap.bpf.c",
+                    "-o", path], cwd=src, check=True)
+    return path
+
+
+def load_baseline(path: str, endpoint: str):
+    """A baseline object with only what every revision has: the LPM endpoint map
+    (an IP:PORT entry), the pod-side programs, the ring buffer."""
+    from pyloader.kernel import abi
+    from pyloader.kernel.endpoints import parse_endpoint
+    from pyloader.libbpf.object import BpfObject
+    obj = BpfObject.open(path)
+    obj.set_rodata("wakeup_bytes", NEVER_WAKE.to_bytes(4, "little"))
+    obj.load()
+    obj.map("endpoints").update(parse_endpoint(endpoint).key(),
+                                bytes([abi.EP_TRACED | abi.EP_PORT]))
+    return obj, obj.program("redtap_pod_req"), obj.program("redtap_pod_resp")
+
+
 def build(names) -> dict[str, str]:
     os.makedirs(BUILD, exist_ok=True)
     out = {}
@@ -86,7 +117,11 @@ class Subject:
         self.name, self.frames = name, frames
         self.req_ns: list[int] = []
         self.resp_ns: list[int] = []
-        if name == "floor":
+        if name == "baseline":
+            self.obj, self.req, self.resp = load_baseline(path, frames.endpoint)
+            events_fd = self.obj.map("events").fd
+            self.close_obj = self.obj.close
+        elif name == "floor":
             import floor
             self.obj = floor.load(path, [frames.endpoint])
             self.req, self.resp = floor.programs(self.obj)
@@ -150,6 +185,9 @@ def table(med: dict) -> list[dict]:
     rows.append({"stage": "**program (full - entry)**", **prog})
     rows.append({"stage": "full run as measured", "req": med["full"]["req"],
                  "resp": med["full"]["resp"]})
+    if "baseline" in med:
+        rows.append({"stage": f"baseline ({med['baseline']['rev']}), full run",
+                     "req": med["baseline"]["req"], "resp": med["baseline"]["resp"]})
     if "floor" in med:
         rows.append({"stage": "reference floor (bench/floor.bpf.c), full run",
                      "req": med["floor"]["req"], "resp": med["floor"]["resp"]})
@@ -175,6 +213,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--pairs", type=int, default=500, help="pairs per variant per pass")
     ap.add_argument("--passes", type=int, default=20)
+    ap.add_argument("--baseline", metavar="REV", help="also measure revision REV's full run")
     ap.add_argument("--json", help="also write the table here (JSON)")
     ap.add_argument("--md", help="and here (Markdown)")
     a = ap.parse_args()
@@ -182,9 +221,13 @@ def main() -> int:
         print("stages.py needs root (bpf())", file=sys.stderr)
         return 1
     objs = build(VARIANTS)
+    if a.baseline:
+        objs["baseline"] = build_baseline(a.baseline)
     meta = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
             "loadavg": os.getloadavg(), "runs": a.pairs * a.passes}
     med = measure(objs, a.pairs, a.passes)
+    if a.baseline:
+        med["baseline"]["rev"] = a.baseline
     rows = table(med)
     md = markdown(rows, meta)
     print(md)
