@@ -4,6 +4,7 @@
   B  redtap's programs attached, no consumer (bench/kernel_only.py)
   S  the same on the server pod's veth only (a diagnostic: B - S is what the
      programs cost on the client's veth, where every packet exits early)
+  F  the reference floor of issue 16 (bench/floor.bpf.c), attached and drained as B
   C  the full agent (`python -m pyloader run --endpoint ...`, log to a file)
   D  the full agent with --metrics-addr and Kubernetes metadata from
      lab/fakeapi.py (served in the node namespace; pods named as in `make demo`)
@@ -59,12 +60,14 @@ class KernelOnly:
     name, label = "B", "programs attached, no consumer"
     log_path = None
 
-    def __init__(self, node: Node, endpoint: str, ifaces: tuple = ()):
-        self.node, self.endpoint, self.ifaces = node, endpoint, ifaces
+    def __init__(self, node: Node, endpoint: str, ifaces: tuple = (), floor: bool = False):
+        self.node, self.endpoint, self.ifaces, self.floor = node, endpoint, ifaces, floor
         self.proc = None
         self.pid = None
         if ifaces:
             self.name, self.label = "S", f"programs on {', '.join(ifaces)} only, no consumer"
+        if floor:
+            self.name, self.label = "F", "reference floor (bench/floor.bpf.c), attached as B"
 
     def start(self, timeout: float = 30.0) -> None:
         self.out = os.path.join(self.node.dir, f"kernel-only-{time.monotonic_ns()}.out")
@@ -74,6 +77,7 @@ class KernelOnly:
                                         os.path.join(HERE, "kernel_only.py"),
                                         "--endpoint", self.endpoint,
                                         *(a for i in self.ifaces for a in ("--iface", i)),
+                                        *(("--floor",) if self.floor else ()),
                                         stdout=o, stderr=e)
         self.pid = self.proc.pid
         end = time.monotonic() + timeout

@@ -2,13 +2,16 @@
 """Configuration B of the benchmark: redtap's programs attached, no consumer.
 
 Run inside the node namespace:
-    kernel_only.py --endpoint IP:PORT [--bridge cni0 | --iface NAME ...] [--no-drain]
+    kernel_only.py --endpoint IP:PORT [--bridge cni0 | --iface NAME ...] [--no-drain] [--floor]
 Loads the object (pyloader.kernel.tracer.Tracer) with a wakeup threshold no batch
 reaches (the kernel never wakes a reader), attaches both programs to every port
 of the bridge (pyloader.kernel.attach.TcAttacher, as the agent's default) or to the
 --iface interfaces given, prints
 {"ready": ...} and waits for SIGTERM/SIGINT; then detaches and prints
 {"kernel": counters, "max_rss_kb": ...}.
+
+--floor: the reference floor (bench/floor.bpf.c, configuration F) instead of
+redtap's programs, attached and drained the same way (no counters).
 
 Draining. Nobody decodes events. By default the ring buffer is emptied every
 50 ms by libbpf with a C function as the sample callback (libc abs() of the NULL
@@ -35,21 +38,42 @@ from pyloader.kernel.tracer import Tracer
 NEVER_WAKE = 0xFFFFFFFF
 
 
+class FloorObject:
+    """The reference floor with the Tracer methods used here."""
+
+    def __init__(self, endpoints):
+        import floor
+        self.obj = floor.load(None, endpoints)
+        self.req, self.resp = floor.programs(self.obj)
+        self.events_fd = self.obj.map("events").fd
+
+    def prog_fds(self) -> dict:
+        return {"pod": (self.req.fd, self.resp.fd)}
+
+    def stats(self) -> dict:
+        return {}
+
+    def close(self) -> None:
+        self.obj.close()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--endpoint", action="append", default=[])
     ap.add_argument("--bridge", default="cni0")
     ap.add_argument("--iface", action="append", default=[], help="only these (pod side)")
     ap.add_argument("--no-drain", action="store_true")
+    ap.add_argument("--floor", action="store_true", help="the reference floor instead")
     args = ap.parse_args()
     stop = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.append(1))
-    tracer = Tracer.load(wakeup_bytes=NEVER_WAKE)
+    tracer = FloorObject(args.endpoint) if args.floor else Tracer.load(wakeup_bytes=NEVER_WAKE)
     attacher = None
     rb = None
     try:
-        tracer.endpoints.set([parse_endpoint(e) for e in args.endpoint])
+        if not args.floor:
+            tracer.endpoints.set([parse_endpoint(e) for e in args.endpoint])
         attacher = TcAttacher(tracer.prog_fds())
         ports = ({attacher.ifindex(n): n for n in args.iface} if args.iface
                  else attacher.bridge_ports(args.bridge))

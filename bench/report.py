@@ -43,6 +43,10 @@ def targets(result: dict) -> list[dict]:
     # issue #16: the kernel programs
     if "B" in med:
         out.append(row("#16 BPF ns per request (B) <= 1,000", med["B"]["bpf.ns_per_request"], 1000))
+    if "B" in med and "F" in med:
+        b, f = med["B"]["bpf.ns_per_request"], med["F"]["bpf.ns_per_request"]
+        out.append(row("#16 B ns/req ÷ F ns/req (reference floor) <= 2.5",
+                       round(b / f, 2) if b and f else None, 2.5))
     if "B/A" in rat:
         out.append(row("#16 B/A req/s >= 0.93", rat["B/A"]["rps"], 0.93, True))
     if "S" in med:

@@ -8,6 +8,8 @@ one run, interleaved (A B C D A B C D ...), the configurations of configs.py:
   A  no redtap
   B  programs attached to every port of cni0, no consumer (kernel_only.py)
   S  the same on the server pod's veth only (diagnostic: the client veth's share)
+  F  the reference floor of issue 16 (bench/floor.bpf.c: parse, one endpoint hash
+     lookup, a per-connection entry, one 64-byte record), attached as B
   C  the full agent (`python -m pyloader run --endpoint ...`, log to a file)
   D  the full agent with --metrics-addr and Kubernetes names (lab/fakeapi.py)
 
@@ -35,6 +37,7 @@ from pyloader.lab.netnode import Node
 
 import capacity
 import consumer
+import floor
 import probe
 import report
 from cell import run_cell
@@ -47,7 +50,8 @@ RESULTS = os.path.join(HERE, "results")
 SERVER_POD, CLIENT_POD = 0, 2  # the demo cluster's web pod and client-a
 
 NOTES = ("B drains the ring buffer with a C no-op callback (kernel_only.py) so the "
-         "programs take the same path as under the agent. S = B on the server pod's veth only: "
+         "programs take the same path as under the agent. F = the reference floor of issue 16 "
+         "(bench/floor.bpf.c), attached and drained as B; B/F is redtap's cost over it. S = B on the server pod's veth only: "
          "B - S is what the runs on the client pod's veth (early exits) cost. BPF ns/req = run_time_ns of both "
          "programs over wrk's requests in the saturation window (bpf_stats itself adds two "
          "clock reads per run). Agent CPU = utime+stime of the agent process over the same "
@@ -71,7 +75,7 @@ def parse_args(argv=None):
     ap.add_argument("--capacity-seconds", type=float, default=30.0)
     ap.add_argument("--no-capacity", action="store_true")
     ap.add_argument("--no-k8s", action="store_true", help="D without Kubernetes names")
-    ap.add_argument("--configs", default="ABSCD", help="which, in this order each round")
+    ap.add_argument("--configs", default="ABFSCD", help="which, in this order each round")
     ap.add_argument("--budget", type=float, default=570.0,
                     help="seconds; capacity attempts that would overrun it are skipped")
     ap.add_argument("--quick", action="store_true",
@@ -91,6 +95,8 @@ def make_configs(node: Node, endpoint: str, which: str, k8s: bool) -> list:
             out.append(NoRedtap())
         elif n == "B":
             out.append(KernelOnly(node, endpoint))
+        elif n == "F":
+            out.append(KernelOnly(node, endpoint, floor=True))
         elif n == "S":
             out.append(KernelOnly(node, endpoint, ifaces=(node.pods[SERVER_POD].veth,)))
         elif n == "C":
@@ -98,7 +104,7 @@ def make_configs(node: Node, endpoint: str, which: str, k8s: bool) -> list:
         elif n == "D":
             out.append(AgentFull(node, endpoint, k8s=k8s))
         else:
-            raise SystemExit(f"unknown configuration {n!r} (A, B, S, C, D)")
+            raise SystemExit(f"unknown configuration {n!r} (A, B, F, S, C, D)")
     return out
 
 
@@ -136,6 +142,8 @@ def measure(args, node: Node, t_start: float) -> dict:
     server, client = node.pods[SERVER_POD], node.pods[CLIENT_POD]
     start_nginx(node, server)
     endpoint = f"{server.ip}:80"
+    if "F" in args.configs:
+        floor.build()  # before the cells: F's starts load it
     cfgs = make_configs(node, endpoint, args.configs, not args.no_k8s)
     rate = args.rate
     calib = {}

@@ -5,19 +5,14 @@
  * per-CPU buffer; one bpf_loop pass per window walks the bytes with a small
  * state machine (head_scan) that finds the start line's spaces, the blank
  * line ending the head, Content-Length and Transfer-Encoding: chunked.
+ * A step takes 8 bytes at once when none of them is one the state machine
+ * acts on (a line end; the start line's first space; a header line's
+ * first ':'), else the bytes up to that one, then it byte by byte.
  * bpf_loop keeps the verifier's work independent of the window size. */
 #ifndef __REDTAP_HTTP_BPF_H
 #define __REDTAP_HTTP_BPF_H
 
 #include "redtap.h"
-
-/* per-CPU window buffer for scan_head (SCAN_WINDOW + slack for 8-byte loads) */
-struct {
-	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
-	__uint(max_entries, 1);
-	__type(key, __u32);
-	__type(value, __u8[SCAN_WINDOW]);
-} scan_buf SEC(".maps");
 
 /* 8 characters as a little-endian u64, for one-load comparisons */
 #define STR8(a, b, c, d, e, f, g, h)                                             \
@@ -47,10 +42,27 @@ struct head_scan {
 	__u8 pad[2];
 };
 
-/* bpf_loop context: the scan state and the window it reads. */
-struct scan_cb {
+/* per-CPU scan space for scan_head: the scan state, the position in the
+ * window, the window (SCAN_WINDOW bytes + slack for 8-byte loads). Kept in
+ * a map, not on the stack, where the verifier would follow their exact
+ * values through every bpf_loop step (and not converge). */
+struct scan_window {
 	struct head_scan h;
-	__u8 *buf;         /* window: SCAN_WINDOW bytes */
+	__u32 at;          /* the next byte's offset in buf */
+	__u32 pad;
+	__u8 buf[SCAN_WINDOW + 8];
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct scan_window);
+} scan_buf SEC(".maps");
+
+/* bpf_loop context (on the stack, as bpf_loop wants): the scan space. */
+struct scan_cb {
+	struct scan_window *win;
 };
 
 /* A ':' ends the header name starting at s->line_start: note the names
@@ -92,20 +104,22 @@ static __always_inline void te_line_end(struct head_scan *s)
 		s->flags |= HF_CHUNKED;
 }
 
-/* bpf_loop callback: one byte of the head. Returns 1 to stop. */
-static long scan_byte(__u32 i, void *ctx)
+#define ONES8 0x0101010101010101ULL
+#define HIGH8 0x8080808080808080ULL
+
+/* The high bit of each byte of @v equal to @c: exact up to the first one
+ * (a borrow may mark bytes after it), none if there is none. */
+static __always_inline __u64 bytes_equal(__u64 v, __u8 c)
 {
-	struct scan_cb *cb = ctx;
-	struct head_scan *s = &cb->h;
-	__u32 pos = s->base + i;
-	__u8 c;
+	__u64 x = v ^ (ONES8 * c);
 
-	if (i >= s->len)
-		return 1;
-	c = cb->buf[i & (SCAN_WINDOW - 1)];
-	s->w1 = (s->w1 << 8) | (s->w0 >> 56);
-	s->w0 = (s->w0 << 8) | c;
+	return (x - ONES8) & ~x & HIGH8;
+}
 
+/* One byte @c of the head at @pos (its offset from the scan origin), after
+ * it entered the shift registers. Returns 1 to stop: the head ended. */
+static __always_inline long scan_one(struct head_scan *s, __u8 c, __u32 pos)
+{
 	if (c == '\n') {
 		if (s->in_start) {
 			s->in_start = 0;
@@ -145,6 +159,64 @@ static long scan_byte(__u32 i, void *ctx)
 	return 0;
 }
 
+/* The bytes up to the next one that matters, and that one (a byte at a
+ * time inside a Content-Length value and within the last 8 bytes of the
+ * window). Returns 1 to stop. */
+static __always_inline long scan_advance(struct scan_window *win)
+{
+	struct head_scan *s = &win->h;
+	__u32 at = win->at;
+	__u8 c;
+
+	if (at >= s->len)
+		return 1;
+	if (!s->in_cl && at + 8 <= s->len) {
+		__u64 v, m;
+		__u32 k;
+
+		v = *(__u64 *)(win->buf + (at & (SCAN_WINDOW - 1))); /* unaligned: fine */
+		m = bytes_equal(v, '\n');
+		if (s->in_start) {
+			if (!s->sp1)
+				m |= bytes_equal(v, ' ');
+		} else if (!s->colon) {
+			m |= bytes_equal(v, ':');
+		}
+		if (!m) { /* 8 bytes that change nothing but the registers */
+			s->w1 = s->w0;
+			s->w0 = __builtin_bswap64(v);
+			win->at = at + 8;
+			return 0;
+		}
+		/* k bytes before the first that matters (the lowest marked) */
+		k = (((m & -m) >> 7) * 0x0001020304050607ULL) >> 56;
+		if (k) {
+			s->w1 = (s->w1 << (8 * k)) | (s->w0 >> (64 - 8 * k));
+			s->w0 = (s->w0 << (8 * k)) | (__builtin_bswap64(v) >> (64 - 8 * k));
+			at += k;
+		}
+	}
+	c = win->buf[at & (SCAN_WINDOW - 1)];
+	win->at = at + 1;
+	s->w1 = (s->w1 << 8) | (s->w0 >> 56);
+	s->w0 = (s->w0 << 8) | c;
+	return scan_one(s, c, s->base + at);
+}
+
+#define SCAN_ADVANCES 8 /* per bpf_loop step: fewer callback calls */
+
+/* bpf_loop callback: SCAN_ADVANCES advances. Returns 1 to stop. */
+static long scan_step(__u32 i, void *ctx)
+{
+	struct scan_window *win = ((struct scan_cb *)ctx)->win;
+
+#pragma unroll
+	for (int j = 0; j < SCAN_ADVANCES; j++)
+		if (scan_advance(win))
+			return 1;
+	return 0;
+}
+
 enum head_scan_result {
 	SCAN_DONE = 0,     /* hdr_end found                         */
 	SCAN_MORE,         /* the segment ended inside the head     */
@@ -163,10 +235,17 @@ __noinline int scan_head(struct __sk_buff *skb, __u32 off, __u32 avail, struct h
 
 	if (!out)
 		return SCAN_TOO_LONG;
-	cb.buf = bpf_map_lookup_elem(&scan_buf, &zero);
-	if (!cb.buf)
+	cb.win = bpf_map_lookup_elem(&scan_buf, &zero);
+	if (!cb.win)
 		return SCAN_TOO_LONG;
-	__builtin_memcpy(&cb.h, out, sizeof(cb.h));
+	__builtin_memcpy(&cb.win->h, out, sizeof(cb.win->h));
+	if (STAGE_NO_SCAN && skb->len) { /* the bench's packets: "GET / ..." or a status line */
+		out->sp1 = 2;
+		out->hdr_end = avail;
+		out->flags = HF_CONTENT_LENGTH;
+		out->cl = 0;
+		return SCAN_DONE;
+	}
 	for (int w = 0; w < MAX_WINDOWS; w++) {
 		__u32 n = avail - wpos;
 
@@ -178,14 +257,15 @@ __noinline int scan_head(struct __sk_buff *skb, __u32 off, __u32 avail, struct h
 			n = SCAN_WINDOW;
 		/* sizes as ((n - 1) & mask) + 1: provably non-zero, also to 6.1's verifier */
 		if (n == 0 ||
-		    bpf_skb_load_bytes(skb, off + wpos, cb.buf, ((n - 1) & (SCAN_WINDOW - 1)) + 1) < 0) {
+		    bpf_skb_load_bytes(skb, off + wpos, cb.win->buf, ((n - 1) & (SCAN_WINDOW - 1)) + 1) < 0) {
 			ret = SCAN_MORE;
 			break;
 		}
-		cb.h.base = wpos;
-		cb.h.len = n;
-		bpf_loop(SCAN_WINDOW, scan_byte, &cb, 0);
-		if (cb.h.hdr_end) {
+		cb.win->h.base = wpos;
+		cb.win->h.len = n;
+		cb.win->at = 0;
+		bpf_loop(SCAN_WINDOW, scan_step, &cb, 0);
+		if (cb.win->h.hdr_end) {
 			ret = SCAN_DONE;
 			break;
 		}
@@ -195,7 +275,7 @@ __noinline int scan_head(struct __sk_buff *skb, __u32 off, __u32 avail, struct h
 		}
 		wpos += n;
 	}
-	__builtin_memcpy(out, &cb.h, sizeof(cb.h));
+	__builtin_memcpy(out, &cb.win->h, sizeof(cb.win->h));
 	return ret;
 }
 

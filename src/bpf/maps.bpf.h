@@ -20,6 +20,17 @@ struct {
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 } endpoints SEC(".maps");
 
+/* The IP:PORT entries of `endpoints` again, in a hash (written by user
+ * space): struct endpoint_key (prefixlen 144) -> EP_*. Looked up first:
+ * an exact hit is the trie's longest match too. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, MAX_ENDPOINTS);
+	__type(key, struct endpoint_key);
+	__type(value, __u8);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+} endpoint_ports SEC(".maps");
+
 /* Settings written by user space: one struct settings */
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
@@ -113,6 +124,18 @@ struct {
 	__type(value, struct scratch);
 } scratch_map SEC(".maps");
 
+/* The endpoint entry (EP_* flags) for the server end in @ek (prefixlen
+ * 144), or NULL: the exact hash, then the trie only while entries without
+ * a port exist (@set: the settings). */
+static __always_inline __u8 *endpoint_lookup(struct endpoint_key *ek, const struct settings *set)
+{
+	__u8 *ep = bpf_map_lookup_elem(&endpoint_ports, ek);
+
+	if (ep || !set->trie_only)
+		return ep;
+	return bpf_map_lookup_elem(&endpoints, ek);
+}
+
 /* This CPU's scratch space (NULL only to satisfy the verifier). */
 static __always_inline struct scratch *get_scratch(void)
 {
@@ -124,8 +147,11 @@ static __always_inline struct scratch *get_scratch(void)
 /* Add @n to counter @idx (enum stat_idx) of this CPU. */
 static __always_inline void stat_add(__u32 idx, __u64 n)
 {
-	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+	__u64 *v;
 
+	if (STAGE_NO_STATS)
+		return;
+	v = bpf_map_lookup_elem(&stats, &idx);
 	if (v)
 		*v += n;
 }

@@ -304,7 +304,7 @@ static __always_inline int parse_response(struct __sk_buff *skb, struct conn_sta
 				struct pending_req *req;
 
 				rkey = PENDING_KEY(scratch->rkey, args->key, conn->head);
-				req = bpf_map_lookup_elem(&pending, rkey);
+				req = pending_find(conn, rkey, scratch);
 				method = req ? req->method : M_UNKNOWN;
 				conn->resp_method = method;
 				conn->resp_status = status;

@@ -2,9 +2,10 @@
 /* pairing.bpf.h: requests and their responses.
  *
  * Each connection keeps a FIFO of its pending requests (conn_state head..
- * tail-1, the requests themselves in the `pending` map): the request side
- * pushes, the response side pops, pairing the n-th final response with
- * the n-th request. Whatever cannot be paired for sure (lost data,
+ * tail-1; the requests themselves in the connection's inline slot, the
+ * usual one in flight, or in the `pending` map while the slot holds
+ * another): the request side pushes, the response side pops, pairing the
+ * n-th final response with the n-th request. Whatever cannot be paired for sure (lost data,
  * pipelining across a gap, a reset) is reported unanswered with a reason,
  * never mispaired. Events leave through the `events` ring buffer (emit()).
  *
@@ -27,23 +28,60 @@
 	&(dst);					\
 })
 
-/* Send request number @seq of connection @key to user space with its
- * @outcome (answered or not), and forget it. A request evicted from
+/* Copy a request-target of @len (<= MAX_URL_LEN) bytes from @src, in
+ * 64-byte blocks: the bytes after @len to the block's end come along (and
+ * mean nothing: readers take url_len bytes). */
+static __always_inline void url_copy(char *dst, const char *src, __u32 len)
+{
+#pragma unroll
+	for (int b = 0; b < MAX_URL_LEN / 64; b++)
+		if (len > b * 64)
+			__builtin_memcpy(dst + b * 64, src + b * 64, 64);
+}
+
+/* Does @conn's inline slot hold request number @seq? (An atomic read:
+ * the slot's bytes are read after it.) */
+static __always_inline int inline_holds(struct conn_state *conn, __u32 seq)
+{
+	return __sync_fetch_and_add(&conn->inline_used, 0) == INLINE_HELD &&
+	       conn->inline_seq == seq;
+}
+
+/* Pending request number @rkey->seq of @conn (@rkey: its `pending` key):
+ * in the inline slot or in `pending`; NULL if neither (evicted). */
+static __always_inline struct pending_req *pending_find(struct conn_state *conn,
+							 struct req_key *rkey,
+							 struct scratch *scratch)
+{
+	if (STAGE_NO_PENDING)
+		return &scratch->req;
+	if (inline_holds(conn, rkey->seq))
+		return &conn->inline_req;
+	return bpf_map_lookup_elem(&pending, rkey);
+}
+
+/* Send request number @seq of connection @key (@conn) to user space with
+ * its @outcome (answered or not), and forget it. A request evicted from
  * `pending` is counted instead. Returns 0. A global function (verified once). */
-__noinline int emit(struct conn_key *key, __u32 seq, struct emit_args *outcome)
+__noinline int emit(struct conn_key *key, struct conn_state *conn, __u32 seq,
+		    struct emit_args *outcome)
 {
 	struct scratch *scratch = get_scratch();
 	struct http_event *event;
 	struct pending_req *req;
 	struct req_key *rkey;
 
-	if (!key || !outcome || !scratch)
+	if (!key || !conn || !outcome || !scratch)
 		return 0;
 	rkey = PENDING_KEY(scratch->ekey, *key, seq);
-	req = bpf_map_lookup_elem(&pending, rkey);
+	req = pending_find(conn, rkey, scratch);
 	if (!req) {
 		stat_inc(S_REQ_EVICTED);
 		return 0;
+	}
+	if (STAGE_NO_RINGBUF) {
+		stat_inc(S_EVENTS);
+		goto out;
 	}
 	event = bpf_ringbuf_reserve(&events, sizeof(*event), 0);
 	if (!event) {
@@ -66,14 +104,19 @@ __noinline int emit(struct conn_key *key, __u32 seq, struct emit_args *outcome)
 	event->ifindex = outcome->ifindex;
 	event->pad = 0;
 	__builtin_memcpy(event->method_name, req->method_name, METHOD_NAME_LEN);
-	__builtin_memcpy(event->url, req->url, MAX_URL_LEN);
+	url_copy(event->url, req->url, event->url_len);
 	__u64 avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
 	bpf_ringbuf_submit(event, avail >= wakeup_bytes ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP);
 	stat_inc(S_EVENTS);
 	if (outcome->reason)
 		stat_inc(S_UNANSWERED);
 out:
-	bpf_map_delete_elem(&pending, rkey);
+	if (STAGE_NO_PENDING)
+		return 0;
+	if (req == &conn->inline_req) /* after its last read (an atomic exchange) */
+		__sync_lock_test_and_set(&conn->inline_used, INLINE_FREE);
+	else
+		bpf_map_delete_elem(&pending, rkey);
 	return 0;
 }
 
@@ -81,7 +124,7 @@ out:
 static __always_inline void fifo_pop(struct conn_key *key, struct conn_state *conn,
 				     struct emit_args *outcome)
 {
-	emit(key, conn->head, outcome);
+	emit(key, conn, conn->head, outcome);
 	conn->head++;
 	stat_inc(S_PENDING_POPPED);
 }
@@ -101,14 +144,23 @@ static __always_inline void fifo_skip(struct conn_state *conn)
 	__sync_fetch_and_add(&conn->overflow, 1);
 }
 
-/* Queue scratch->req as request number conn->tail of @args' connection.
- * Returns 1, or 0 when it could not be stored (counted, and skipped:
- * fifo_skip()). */
+/* Queue scratch->req as request number conn->tail of @args' connection:
+ * in its inline slot if free, else in `pending`. Returns 1, or 0 when it
+ * could not be stored (counted, and skipped: fifo_skip()). */
 static __always_inline int fifo_push(struct conn_state *conn, const struct walk_args *args,
 				     struct scratch *scratch)
 {
-	if (bpf_map_update_elem(&pending, PENDING_KEY(scratch->rkey, args->key, conn->tail),
-				&scratch->req, BPF_ANY)) {
+	if (STAGE_NO_PENDING) {
+	} else if (__sync_val_compare_and_swap(&conn->inline_used, INLINE_FREE,
+					       INLINE_FILLING) == INLINE_FREE) {
+		/* fill, then publish (an atomic exchange orders the writes) */
+		__builtin_memcpy(&conn->inline_req, &scratch->req,
+				 __builtin_offsetof(struct pending_req, url));
+		url_copy(conn->inline_req.url, scratch->req.url, scratch->req.url_len);
+		conn->inline_seq = conn->tail;
+		__sync_lock_test_and_set(&conn->inline_used, INLINE_HELD);
+	} else if (bpf_map_update_elem(&pending, PENDING_KEY(scratch->rkey, args->key, conn->tail),
+				       &scratch->req, BPF_ANY)) {
 		stat_inc(S_PENDING_MAP_FULL);
 		fifo_skip(conn);
 		return 0;
@@ -293,7 +345,7 @@ static __always_inline void message_done(struct conn_state *conn, struct walk_ar
 			struct pending_req *req;
 
 			rkey = PENDING_KEY(scratch->rkey, args->key, conn->tail - 1);
-			req = bpf_map_lookup_elem(&pending, rkey);
+			req = pending_find(conn, rkey, scratch);
 			if (req) {
 				req->req_body = size > 0xffffffffULL ? 0xffffffff : size;
 				req->flags |= EV_REQ_BODY;

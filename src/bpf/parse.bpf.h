@@ -40,12 +40,24 @@ static __always_inline int parse_tcp_packet(struct __sk_buff *skb, struct pkt *p
 {
 	__u32 l4_off, ip_end;
 	__u16 proto = skb->protocol;
+	struct tcphdr th;
+	int have_th = 0;
 
 	if (proto == ETH_P_IP_BE) {
+		/* IPv4 and TCP headers in one load (no IP options: the usual case) */
+		struct {
+			struct iphdr ip;
+			struct tcphdr th;
+		} h;
 		struct iphdr ip;
 
-		if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)) < 0)
+		if (bpf_skb_load_bytes(skb, ETH_HLEN_, &h, sizeof(h)) == 0) {
+			ip = h.ip;
+			have_th = ip.ihl == 5;
+			th = h.th;
+		} else if (bpf_skb_load_bytes(skb, ETH_HLEN_, &ip, sizeof(ip)) < 0) {
 			return -1;
+		}
 		if (ip.protocol != IPPROTO_TCP || ip.ihl < 5)
 			return -1;
 		if (ip.frag_off & bpf_htons(0x3fff)) /* fragment: not followed */
@@ -74,9 +86,7 @@ static __always_inline int parse_tcp_packet(struct __sk_buff *skb, struct pkt *p
 		return -1;
 	}
 
-	struct tcphdr th;
-
-	if (bpf_skb_load_bytes(skb, l4_off, &th, sizeof(th)) < 0)
+	if (!have_th && bpf_skb_load_bytes(skb, l4_off, &th, sizeof(th)) < 0)
 		return -1;
 	if (th.doff < 5)
 		return -1;

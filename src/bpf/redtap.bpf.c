@@ -64,6 +64,7 @@ enum stream_mode abi_stream_mode __attribute__((unused));
 enum endpoint_flags abi_endpoint_flags __attribute__((unused));
 struct settings *abi_settings __attribute__((unused));
 
+#include "stagecut.bpf.h"
 #include "parse.bpf.h"
 #include "http.bpf.h"
 #include "stream.bpf.h"
@@ -84,20 +85,20 @@ static __always_inline int traced(struct scratch *scratch, struct pkt *pkt, int 
 	__u32 zero = 0;
 	__u8 *ep, *rev;
 
+	set = bpf_map_lookup_elem(&settings, &zero);
+	if (!set)
+		return 0;
 	/* the server end: destination of requests, source of responses */
 	ek->prefixlen = 144;
 	__builtin_memcpy(ek->addr, *is_req ? pkt->dst : pkt->src, 16);
 	ek->port = bpf_htons(*is_req ? pkt->dport : pkt->sport);
-	ep = bpf_map_lookup_elem(&endpoints, ek);
-	if (!pod_side || (ep && (*ep & EP_PORT)))
-		return ep != 0;
-	set = bpf_map_lookup_elem(&settings, &zero);
-	if (!set || !set->host_endpoints)
+	ep = endpoint_lookup(ek, set);
+	if (!pod_side || (ep && (*ep & EP_PORT)) || !set->host_endpoints)
 		return ep != 0;
 	/* a pod talking to a server of the node's host stack? */
 	__builtin_memcpy(ek->addr, *is_req ? pkt->src : pkt->dst, 16);
 	ek->port = bpf_htons(*is_req ? pkt->sport : pkt->dport);
-	rev = bpf_map_lookup_elem(&endpoints, ek);
+	rev = endpoint_lookup(ek, set);
 	if (rev && (*rev & EP_HOST)) {
 		*is_req = !*is_req;
 		return 1;
@@ -165,6 +166,8 @@ static __always_inline void handle(struct __sk_buff *skb, int is_req, int pod_si
 	__u32 ifindex = skb->ifindex;
 	__u64 tstamp = skb->tstamp;
 
+	if (STAGE_CUT_AT(1))
+		return;
 	scratch = get_scratch();
 	if (!scratch)
 		return;
@@ -173,8 +176,12 @@ static __always_inline void handle(struct __sk_buff *skb, int is_req, int pod_si
 		return;
 	if (pkt->payload_len == 0 && !(pkt->tcp_flags & (TCPF_FIN | TCPF_RST)))
 		return; /* pure ACK / SYN: nothing to parse */
+	if (STAGE_CUT_AT(2))
+		return;
 
 	if (!traced(scratch, pkt, &is_req, pod_side))
+		return;
+	if (STAGE_CUT_AT(3))
 		return;
 
 	args = &scratch->wa;
@@ -209,6 +216,8 @@ static __always_inline void handle(struct __sk_buff *skb, int is_req, int pod_si
 	}
 	if (!conn)
 		goto no_conn;
+	if (STAGE_CUT_AT(4))
+		return;
 
 	stat_inc(S_TRACED_SEGMENTS);
 	stream = is_req ? &conn->req : &conn->resp;

@@ -90,7 +90,8 @@ enum stat_idx {
 	S_NR,
 };
 
-/* Endpoint filter: LPM trie key. Address first, then port, so that one
+/* Endpoint filter: LPM trie key (also the key of the exact IP:PORT hash,
+ * prefixlen 144 there). Address first, then port, so that one
  * lookup with the full key matches, longest first:
  *   IP:PORT -> prefixlen 144, IP -> 128, CIDR -> 96+n (v4) or n (v6),
  *   everything (wildcard) -> 0.
@@ -114,7 +115,9 @@ enum endpoint_flags {
 struct settings {
 	__u32 host_endpoints; /* entries with EP_HOST (0: pod-side hooks skip
 			       * the second lookup)                            */
-	__u32 pad;
+	__u32 trie_only;      /* entries without a port (IP, CIDR, wildcard):
+			       * only in the trie (0: a miss in the exact hash
+			       * of IP:PORT entries is final)                   */
 };
 
 /* Connection key: the TCP 4-tuple, always client -> server. */
@@ -184,8 +187,9 @@ struct stream_state {
 };
 
 /* A connection's FIFO of pending requests: the numbers head..tail-1 in
- * its conn_state; each request waits in the `pending` LRU map, keyed by
- * (connection, number). */
+ * its conn_state; each request waits in the connection's inline slot
+ * (conn_state.inline_req: the usual one in flight) or, when that holds
+ * another, in the `pending` LRU map, keyed by (connection, number). */
 struct req_key {
 	struct conn_key conn;
 	__u32 seq;         /* request number on the connection */
@@ -223,7 +227,14 @@ struct conn_state {
 	__u8 lost_pending;         /* requests before lost_until: answers lost, to report */
 	__u8 pad;
 	__u32 lost_until;          /*   (by the response side: the only one that pops)   */
+	__u32 inline_seq;          /* the request number in inline_req            */
+	__u32 inline_used;         /* INLINE_*: what inline_req holds             */
+	struct pending_req inline_req; /* a pending request kept in the connection */
 };
+
+/* conn_state.inline_used: the request side takes a free slot (FREE ->
+ * FILLING), fills it and publishes it (-> HELD); the side that pops frees it. */
+enum inline_slot { INLINE_FREE = 0, INLINE_HELD = 1, INLINE_FILLING = 2 };
 
 struct http_event {
 	__u64 req_ns;        /* CLOCK_MONOTONIC (bpf_ktime_get_ns) of the first request byte */

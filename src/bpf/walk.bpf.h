@@ -87,15 +87,15 @@ __noinline int walk_step(struct __sk_buff *skb, struct conn_state *conn, struct 
 
 	if (!conn || !args)
 		return 0;
+	off = args->off;
+	len = args->payload_len;
+	if (off >= len)
+		return 0; /* the segment is done (the usual last call) */
 	scratch = get_scratch();
 	if (!scratch)
 		return 0;
 	__builtin_memset(&scratch->scan, 0, sizeof(scratch->scan));
 	stream = walk_stream(conn, args);
-	off = args->off;
-	len = args->payload_len;
-	if (off >= len)
-		return 0;
 	switch (stream->mode) {
 	case SM_BODY:
 	case SM_CHUNK_DATA:

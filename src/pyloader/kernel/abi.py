@@ -62,7 +62,7 @@ EP_TRACED, EP_PORT, EP_HOST = 1, 2, 4
 
 
 class Settings(ctypes.Structure):
-    _fields_ = [("host_endpoints", u32), ("pad", u32)]
+    _fields_ = [("host_endpoints", u32), ("trie_only", u32)]
 
 
 class ConnKey(ctypes.Structure):
@@ -93,7 +93,11 @@ class ConnState(ctypes.Structure):
                 ("resp_first_ns", u64), ("head", u32), ("tail", u32), ("overflow", u32),
                 ("check_idx", u32), ("check_seq", u32), ("resp_status", u16),
                 ("resp_method", u8), ("req_pushed", u8), ("check_on", u8), ("pipelined", u8),
-                ("lost_pending", u8), ("pad", u8), ("lost_until", u32)]
+                ("lost_pending", u8), ("pad", u8), ("lost_until", u32),
+                ("inline_seq", u32), ("inline_used", u32), ("inline_req", PendingReq)]
+
+
+INLINE_HELD = 1  # enum inline_slot: conn_state.inline_req holds request inline_seq
 
 
 class HttpEvent(ctypes.Structure):

@@ -1,10 +1,13 @@
-"""Server endpoints to trace: parsing the flags and writing the LPM map.
+"""Server endpoints to trace: parsing the flags and writing the kernel's maps.
 
 One LPM trie lookup in the kernel matches, longest prefix first:
     IP:PORT  -> prefixlen 144 (128 address bits, 16 port bits)
     IP       -> 128
     CIDR     -> 96 + n for IPv4 (v4-mapped), n for IPv6
     wildcard -> 0 (trace everything)
+The IP:PORT entries are also in an exact hash (`endpoint_ports`), which the
+kernel looks up first: the trie only while entries without a port exist
+(settings.trie_only), so the usual lookup is one hash lookup.
 """
 from __future__ import annotations
 
@@ -108,10 +111,13 @@ class EndpointTable:
     Each entry's value is a set of flags (enum endpoint_flags): EP_PORT when
     it names a port, EP_HOST when its address is one of @host_addrs (the
     node's own: a hostNetwork server, which pods reach through their veth the
-    other way round). The settings map counts the EP_HOST entries."""
+    other way round). The settings map counts the EP_HOST entries and those
+    without a port (only in the trie). @exact_map, the hash of the IP:PORT
+    entries, is made equal to them too; while nothing is known to be set
+    (current empty), whatever it holds is removed first."""
 
-    def __init__(self, bpf_map, settings_map=None, host_addrs=lambda: set()):
-        self.map, self.settings = bpf_map, settings_map
+    def __init__(self, bpf_map, settings_map=None, host_addrs=lambda: set(), exact_map=None):
+        self.map, self.settings, self.exact = bpf_map, settings_map, exact_map
         self.host_addrs = host_addrs  # () -> set of v4-mapped IPv6Address
         self.current: dict[Endpoint, int] = {}
 
@@ -128,15 +134,31 @@ class EndpointTable:
     def set(self, endpoints) -> None:
         host = self.host_addrs() if endpoints else set()
         want = {ep: self.flags(ep, host) for ep in endpoints}
+        trie_only = sum(1 for ep in want if ep.port is None)
+        if trie_only > sum(1 for ep in self.current if ep.port is None):
+            self._write_settings(want, trie_only)  # the trie is looked at before it fills
+        if self.exact is not None and not self.current:
+            for k in list(self.exact.keys()):
+                self.exact.delete(k)
+        # new entries reach the trie before the hash, old ones leave the hash
+        # first: a lookup never finds the hash ahead of the trie's answer
         for ep, f in want.items():
             if self.current.get(ep) != f:
                 self.map.update(ep.key(), bytes([f]))
+                if self.exact is not None and ep.port is not None:
+                    self.exact.update(ep.key(), bytes([f]))
         for ep in self.current.keys() - want.keys():
+            if self.exact is not None and ep.port is not None:
+                self.exact.delete(ep.key())
             self.map.delete(ep.key())
         self.current = want
+        self._write_settings(want, trie_only)
+
+    def _write_settings(self, want: dict, trie_only: int) -> None:
         if self.settings is not None:
             n = sum(1 for f in want.values() if f & abi.EP_HOST)
-            self.settings.update((0).to_bytes(4, "little"), bytes(abi.Settings(host_endpoints=n)))
+            self.settings.update((0).to_bytes(4, "little"),
+                                 bytes(abi.Settings(host_endpoints=n, trie_only=trie_only)))
 
     def add(self, ep: Endpoint) -> None:
         self.set(self.current.keys() | {ep})

@@ -20,6 +20,46 @@ def find_object(explicit: str | None = None) -> str:
     raise RedtapError(f"BPF object not found (looked at {PKG_OBJECT}); build it with `make bpf`")
 
 
+class PendingRequests:
+    """Every pending request, keyed as in `pending` (struct req_key): those in
+    that map and those in a connection's inline slot (conn_state.inline_req).
+    keys(), lookup() and delete() as a map's. Deleting an inline one writes its
+    connection back: for a quiet kernel side (tests, offline replay)."""
+
+    def __init__(self, pending_map, conns_map):
+        self.map, self.conns = pending_map, conns_map
+
+    def _inline(self, key) -> tuple[bytes, abi.ConnState] | None:
+        rk = abi.ReqKey.from_buffer_copy(bytes(key))
+        raw = self.conns.lookup(bytes(rk.conn))
+        st = abi.ConnState.from_buffer_copy(raw) if raw is not None else None
+        if st is None or st.inline_used != abi.INLINE_HELD or st.inline_seq != rk.seq:
+            return None
+        return bytes(rk.conn), st
+
+    def keys(self):
+        yield from self.map.keys()
+        for ck, raw in self.conns.items():
+            st = abi.ConnState.from_buffer_copy(raw)
+            if st.inline_used == abi.INLINE_HELD:
+                yield bytes(abi.ReqKey(conn=abi.ConnKey.from_buffer_copy(ck), seq=st.inline_seq))
+
+    def lookup(self, key) -> bytes | None:
+        raw = self.map.lookup(key)
+        if raw is None and (found := self._inline(key)):
+            raw = bytes(found[1].inline_req)
+        return raw
+
+    def delete(self, key) -> bool:
+        if self.map.delete(key):
+            return True
+        found = self._inline(key)
+        if found:
+            found[1].inline_used = 0
+            self.conns.update(found[0], bytes(found[1]))
+        return found is not None
+
+
 class Tracer:
     REQ_PROG, RESP_PROG = "redtap_req", "redtap_resp"
     POD_REQ_PROG, POD_RESP_PROG = "redtap_pod_req", "redtap_pod_resp"
@@ -30,9 +70,11 @@ class Tracer:
         self.resp = obj.program(self.RESP_PROG)
         self.pod_req = obj.program(self.POD_REQ_PROG)
         self.pod_resp = obj.program(self.POD_RESP_PROG)
-        self.endpoints = EndpointTable(obj.map("endpoints"), obj.map("settings"))
+        self.endpoints = EndpointTable(obj.map("endpoints"), obj.map("settings"),
+                                       exact_map=obj.map("endpoint_ports"))
         self.conns = obj.map("conns")      # 4-tuple -> connection state (FIFO head/tail)
-        self.pending = obj.map("pending")  # (4-tuple, number) -> a request waiting for its answer
+        # (4-tuple, number) -> a request waiting for its answer (inline or in `pending`)
+        self.pending = PendingRequests(obj.map("pending"), self.conns)
         self.stats_map = obj.map("stats", percpu=True)
         self.events_fd = obj.map("events").fd
 
@@ -98,7 +140,10 @@ class Tracer:
                 continue  # the kernel removed it meanwhile (FIN/RST)
             for seq in range(st.head, (st.head + min(st.tail - st.head, abi.MAX_PIPELINE))):
                 seq &= 0xFFFFFFFF
-                r = self.take_request(key, seq)
+                if st.inline_used == abi.INLINE_HELD and st.inline_seq == seq:
+                    r = st.inline_req  # (its connection is gone already)
+                else:
+                    r = self.take_request(key, seq)
                 if r is None:
                     continue  # evicted from the LRU map: the agent counts lru_evicted_pending
                 flags = r.flags
