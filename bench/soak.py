@@ -185,8 +185,7 @@ class Soak:
                 "samples": self.samples}
 
     def _stop(self) -> dict:
-        from configs import _terminate
-        rc = _terminate(self.agent.proc)
+        rc = configs._terminate(self.agent.proc)
         self.agent.proc = None
         time.sleep(0.2)
         self.follow.poll()
@@ -197,8 +196,7 @@ class Soak:
 
     def close(self) -> None:
         if getattr(self.agent, "proc", None):
-            from configs import _terminate
-            _terminate(self.agent.proc)
+            configs._terminate(self.agent.proc)
         if self.agent is not None and hasattr(self.agent, "close"):
             self.agent.close()
         self.node.teardown()

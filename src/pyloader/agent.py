@@ -57,6 +57,12 @@ class UserStats:
         self.batches = 0
         self.start_rss_kb = 0  # once started (programs loaded, ring mapped, names listed)
 
+    def memory(self) -> dict:
+        """RSS now, peak, and growth since start (kB): the stats lines and /metrics."""
+        rss, peak = rss_kb()
+        return {"rss_kb": rss, "max_rss_kb": peak,
+                "rss_growth_kb": rss - self.start_rss_kb if self.start_rss_kb else 0}
+
 
 class Agent:
     def __init__(self, cfg: AgentConfig):
@@ -176,7 +182,7 @@ class Agent:
         k["lru_evicted_pending"] = max(0, k["pending_pushed"] - k["pending_popped"] - live
                                        - self.stats.idle_unanswered)
         ru = resource.getrusage(resource.RUSAGE_SELF)
-        rss, peak = rss_kb()
+        mem = self.stats.memory()
         extra = {}
         for c in self.cfg.components:
             extra.update(c.counters())
@@ -187,9 +193,7 @@ class Agent:
                       "idle_unanswered": self.stats.idle_unanswered,
                       "pending_requests": live,
                       "cpu_s": round(ru.ru_utime + ru.ru_stime, 3),
-                      "max_rss_kb": peak or ru.ru_maxrss, "rss_kb": rss,
-                      # since start(): with events, the growth per record (issue 14)
-                      "rss_growth_kb": rss - self.stats.start_rss_kb if self.stats.start_rss_kb else 0},
+                      **mem, "max_rss_kb": mem["max_rss_kb"] or ru.ru_maxrss},
         }
 
     def log_counters(self, final: bool = False) -> None:

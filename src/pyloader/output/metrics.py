@@ -34,7 +34,6 @@ from prometheus_client.exposition import start_http_server
 from prometheus_client.metrics_core import Metric
 
 from pyloader.kernel.abi import LOSS_STATS
-from pyloader.memory import rss_kb
 from pyloader.pipeline.component import Component
 from pyloader.errors import RedtapError
 from pyloader.pipeline.routes import RouteTable, server_key
@@ -335,13 +334,12 @@ class MetricsComponent(Component):
         kernel = agent.tracer.stats()
         kernel["lru_evicted_pending"] = self._last_full.get("lru_evicted_pending", 0)
         st = agent.stats
-        rss, peak = rss_kb()
         self.collector.snapshot = {
             "kernel": kernel,
             "agent": {"events": st.events, "bad_events": st.bad_events,
                       "idle_unanswered": st.idle_unanswered,
                       "pending_requests": self._last_full.get("pending_requests", 0),
-                      "max_rss_kb": peak, "rss_growth_kb": rss - st.start_rss_kb if st.start_rss_kb else 0},
+                      **st.memory()},
             "extra": self._last_full.get("extra", {}),
             "route_overflow": self.routes.overflowed,
         }
