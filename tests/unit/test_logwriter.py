@@ -76,6 +76,31 @@ def test_reopen_after_rename_writes_to_a_new_file_at_the_path(tmp_path):
     assert w.counters()["reopens"] == 1
 
 
+@pytest.mark.parametrize("how", ["rename", "unlink"])
+def test_rename_between_the_check_and_the_write_still_writes_to_the_path(
+        tmp_path, monkeypatch, how):
+    """logrotate `create` renames the file after the writer looked at the path but
+    before its write (the writer thread waiting for the GIL, on a busy node): the
+    batch goes to the new file at the path, none into the rotated one, which a
+    shipper may already have read to its end and closed (CI: 575 lines lost)."""
+    p = str(tmp_path / "a.log")
+    w = LogWriter(p)
+    w.submit(lines(5), 5)
+    written(w, 5)
+    looked = LogWriter._follow
+
+    def look_then_rotate(self, incoming):
+        looked(self, incoming)
+        if os.path.exists(p) and not os.path.exists(p + ".1"):
+            os.rename(p, p + ".1") if how == "rename" else os.unlink(p)
+    monkeypatch.setattr(LogWriter, "_follow", look_then_rotate)
+    w.submit(lines(5, 5), 5)
+    w.close()
+    assert read_ids(p + ".1") == ([0, 1, 2, 3, 4] if how == "rename" else [])
+    assert read_ids(p) == [5, 6, 7, 8, 9]
+    assert w.counters()["reopens"] == 1 and w.counters()["written_lines"] == 10
+
+
 def test_deleted_file_is_created_again(tmp_path):
     p = str(tmp_path / "a.log")
     w = LogWriter(p)

@@ -7,9 +7,10 @@ The agent hands it batches of whole lines (submit); what a tail-based shipper
 * whole lines only: each write() ends at a line end; space is reserved first
   (fallocate KEEP_SIZE), so a full disk fails before a byte is written, and a
   partial write that still slips through is cut back to its last line end;
-* rotation by others: before each write the path's inode is compared with the
-  open file's; `logrotate create` (rename, new file), a deleted file or SIGHUP
-  (reopen()) make it reopen. `copytruncate` shows as the file shrinking under
+* rotation by others: right before each write the path's inode is compared
+  with the open file's (in one ctypes call, no GIL wait between: filecalls);
+  `logrotate create` (rename, new file), a deleted file or SIGHUP (reopen())
+  make it reopen. `copytruncate` shows as the file shrinking under
   us: the lines written after logrotate's copy was taken (found by comparing the
   copy's tail with the recent writes kept in a journal) are written again, so
   the copy plus the truncated file hold every line once;
@@ -22,7 +23,6 @@ The agent hands it batches of whole lines (submit); what a tail-based shipper
 from __future__ import annotations
 
 import collections
-import ctypes
 import errno
 import logging
 import os
@@ -33,6 +33,7 @@ import threading
 import time
 
 from pyloader.errors import ConfigError
+from pyloader.output import filecalls
 
 log = logging.getLogger("redtap.log")
 
@@ -40,13 +41,6 @@ QUEUE_LINES = 65536          # default bound of the queue
 MAX_WRITE = 1 << 20          # bytes per write() (several batches joined)
 JOURNAL_BYTES = 8 << 20      # recent writes kept to repair a copytruncate
 RETRY_MAX_S = 1.0            # backoff cap between retries of a failed write
-_FALLOC_FL_KEEP_SIZE = 1
-_NO_RESERVE = {errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL, errno.ENODEV, errno.ESPIPE}
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
 
 
 def parse_size(text: str) -> int:
@@ -91,6 +85,7 @@ class LogWriter:
         self._redo = b""            # lines to write again after a copytruncate
         self._can_reserve = True
         self._rotate_after = 0.0    # a failed rotation is retried after this time
+        self._cpath = os.fsencode(self.path) if self.path else b""
         if self.path:
             try:
                 self.fd = self._open()
@@ -212,22 +207,28 @@ class LogWriter:
             data = data[:cut or data.find(b"\n") + 1]
         return self._put(data) if data else 0
 
-    def _put(self, data: bytes) -> int:
+    def _put(self, data: bytes, moves: int = 0) -> int:
         """One write of whole lines at the end of the file: all of it, or a
         prefix ending at a line end (0 on failure; the error is counted)."""
         base, written = self.end, 0
         try:
             if self.regular and self._can_reserve:
-                if _fallocate(self.fd, _FALLOC_FL_KEEP_SIZE, base, len(data)) != 0:
-                    err = ctypes.get_errno()
-                    if err in _NO_RESERVE:
-                        self._can_reserve = False
-                    else:
-                        raise OSError(err, os.strerror(err))
+                err = filecalls.reserve(self.fd, base, len(data))
+                if err in filecalls.NO_RESERVE:
+                    self._can_reserve = False
+                elif err:
+                    raise OSError(err, os.strerror(err))
+            if self.path and self.regular and filecalls.append_if_current is not None:
+                written = filecalls.append_if_current(self.fd, self._cpath, data)
+                if written == filecalls.MOVED:    # renamed or deleted just now
+                    if moves > 3 or not self._reopen_file("reopening (moved or deleted)"):
+                        return 0
+                    return self._put(data, moves + 1)
             view = memoryview(data)
             while written < len(data):
                 written += os.write(self.fd, view[written:])
         except OSError as e:
+            written = getattr(e, "written", written)
             self._error(e, "writing")
             keep = data.rfind(b"\n", 0, written) + 1
             if self.regular and written:
