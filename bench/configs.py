@@ -8,6 +8,10 @@
   C  the full agent (`python -m pyloader run --endpoint ...`, log to a file)
   D  the full agent with --metrics-addr and Kubernetes metadata from
      lab/fakeapi.py (served in the node namespace; pods named as in `make demo`)
+  N  no redtap; nginx writes its own JSON access log (buffer=64k, same disk):
+     what an SRE compares redtap with
+  M  C with its log on tmpfs (/dev/shm): a diagnostic, C - M is what the log's
+     disk (page cache writeback, the file system) costs the node
 
 start() returns once tracing is on; stop() returns the final counters
 ({"kernel": {...}, "agent": {...}, ...} as in the agent's redtap.exit line).
@@ -54,6 +58,30 @@ class NoRedtap:
 
     def stop(self) -> dict:
         return {}
+
+
+class NginxLog:
+    """No redtap; the bench nginx reloaded with its own buffered JSON log."""
+    name, label = "N", "no redtap, nginx's own JSON log (buffered)"
+    pid = None
+    log_path = None  # not redtap's: the cell measures no agent
+
+    def __init__(self, node: Node, pod):
+        self.node, self.pod = node, pod
+        self.path = None
+
+    def start(self) -> None:
+        import loadgen
+        self.path = os.path.join(self.node.dir, f"nginx-access-{time.monotonic_ns()}.json")
+        loadgen.reload_nginx(self.node, self.pod, self.path)
+
+    def stop(self) -> dict:
+        import loadgen
+        loadgen.reload_nginx(self.node, self.pod, None)  # the old worker flushes as it exits
+        with open(self.path, "rb") as f:
+            records = sum(1 for line in f if line.endswith(b"}\n"))
+        os.unlink(self.path)
+        return {"log_records": records}
 
 
 class KernelOnly:
@@ -110,17 +138,20 @@ class AgentRun:
     """`python -m pyloader run` in the node namespace, its log in a file."""
     name, label = "C", "full agent"
 
-    def __init__(self, node: Node, endpoint: str, extra: tuple = ()):
+    def __init__(self, node: Node, endpoint: str, extra: tuple = (), log_dir: str | None = None):
         self.node, self.endpoint, self.extra = node, endpoint, extra
+        self.log_dir = log_dir or node.dir
         self.proc = None
         self.pid = None
         self.log_path = None
+        if log_dir:
+            self.name, self.label = "M", f"full agent, log on {log_dir}"
 
     def args(self) -> list[str]:
         return ["--endpoint", self.endpoint, *self.extra]
 
     def start(self, timeout: float = 60.0) -> None:
-        self.log_path = os.path.join(self.node.dir, f"agent-{self.name}-{time.monotonic_ns()}.log")
+        self.log_path = os.path.join(self.log_dir, f"agent-{self.name}-{time.monotonic_ns()}.log")
         self.err = os.path.join(self.node.dir, f"agent-{self.name}.stderr")
         with open(self.err, "a") as e:
             self.proc = self.node.spawn(self.node.node_ns, sys.executable, "-m", "pyloader",

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import re
+import signal
 import subprocess
+import time
 
 from pyloader.lab.netnode import NGINX_CONF, Node, Pod
 
@@ -17,18 +19,67 @@ SERVER_CPU, CLIENT_CPU = "0", "1"
 _UNITS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3}
 
 
+# nginx's own JSON access log, buffered, with redtap's fields (configuration N):
+# what an SRE compares redtap with.
+JSON_LOG_FORMAT = (
+    "    log_format redtap_json escape=json '{{\"time\":\"$time_iso8601\",'\n"
+    "        '\"client.address\":\"$remote_addr\",\"client.port\":$remote_port,'\n"
+    "        '\"server.address\":\"$server_addr\",\"server.port\":$server_port,'\n"
+    "        '\"http.request.method\":\"$request_method\",\"url.path\":\"$uri\",'\n"
+    "        '\"url.query\":\"$args\",\"http.response.status_code\":$status,'\n"
+    "        '\"http.server.request.duration\":$request_time,'\n"
+    "        '\"http.response.body.size\":$body_bytes_sent}}';\n")
+
+
+def nginx_conf(d: str, port: int, json_log: str | None = None) -> str:
+    """The netnode template (1 worker); access_log off, or nginx's own JSON log
+    to json_log with a 64 kB buffer flushed every second."""
+    tmpl = NGINX_CONF.replace("    access_log {access_log};\n",
+                              JSON_LOG_FORMAT + "    access_log {access_log};\n")
+    log = f"{json_log} redtap_json buffer=64k flush=1s" if json_log else "off"
+    return tmpl.format(dir=d, port=port, access_log=log)
+
+
+def nginx_dir(node: Node, pod: Pod) -> str:
+    return os.path.join(node.dir, f"bench-nginx-{pod.index}")
+
+
 def start_nginx(node: Node, pod: Pod, port: int = 80) -> subprocess.Popen:
-    """The netnode template (1 worker, access_log off), master and worker pinned
-    to SERVER_CPU with taskset."""
-    d = os.path.join(node.dir, f"bench-nginx-{pod.index}")
+    """nginx_conf() without a log, master and worker pinned to SERVER_CPU with
+    taskset."""
+    d = nginx_dir(node, pod)
     os.makedirs(os.path.join(d, "www", "files"), exist_ok=True)
     conf = os.path.join(d, "nginx.conf")
     with open(conf, "w") as f:
-        f.write(NGINX_CONF.format(dir=d, port=port, access_log="off"))
+        f.write(nginx_conf(d, port))
     p = node.spawn(pod.ns, "taskset", "-c", SERVER_CPU, "nginx", "-c", conf,
                    "-e", os.path.join(d, "error.log"))
     node.wait_port(pod.ns, pod.ip, port)
     return p
+
+
+def reload_nginx(node: Node, pod: Pod, json_log: str | None, port: int = 80,
+                 timeout: float = 10.0) -> None:
+    """Rewrite the bench nginx's configuration (with or without its JSON log) and
+    reload it; returns once the old worker has gone and a new one serves."""
+    d = nginx_dir(node, pod)
+    with open(os.path.join(d, "nginx.conf"), "w") as f:
+        f.write(nginx_conf(d, port, json_log))
+    master = int(open(os.path.join(d, "nginx.pid")).read())
+
+    def workers() -> set[int]:
+        with open(f"/proc/{master}/task/{master}/children") as f:
+            return set(map(int, f.read().split()))
+    before = workers()
+    os.kill(master, signal.SIGHUP)
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        now = workers()
+        if now and not now & before:
+            node.wait_port(pod.ns, pod.ip, port)
+            return
+        time.sleep(0.02)
+    raise RuntimeError(f"nginx did not reload in {timeout}s: {open(os.path.join(d, 'error.log')).read()[-1000:]}")
 
 
 def _ms(num: str, unit: str) -> float:

@@ -6,12 +6,14 @@ access_log off, on CPU 0 in pod0; the load from pod2 on CPU 1) and measures in
 one run, interleaved (A B C D A B C D ...), the configurations of configs.py:
 
   A  no redtap
+  N  no redtap, nginx's own JSON access log (buffered, same disk as C's log)
   B  programs attached to every port of cni0, no consumer (kernel_only.py)
   S  the same on the server pod's veth only (diagnostic: the client veth's share)
   F  the reference floor of issue 16 (bench/floor.bpf.c: parse, one endpoint hash
      lookup, a per-connection entry, one 64-byte record), attached as B
   C  the full agent (`python -m pyloader run --endpoint ...`, log to a file)
   D  the full agent with --metrics-addr and Kubernetes names (lab/fakeapi.py)
+  M  C with its log on tmpfs (diagnostic: C - M is the log's disk)
 
 each under wrk (keep-alive, saturation) and hey (open loop at half of A's
 saturation rate); BPF run statistics (kernel.bpf_stats_enabled, bpftool) and
@@ -41,9 +43,10 @@ import floor
 import probe
 import report
 from cell import run_cell
-from configs import AgentFull, AgentRun, KernelOnly, NoRedtap
+from configs import AgentFull, AgentRun, KernelOnly, NginxLog, NoRedtap
 from loadgen import hey_max, start_nginx
 
+TMPFS_LOG_DIR = "/dev/shm"  # M: C with its log here
 HEY_SHARE = 0.5  # the open-loop rate stays below this share of hey's own ceiling
 
 RESULTS = os.path.join(HERE, "results")
@@ -75,7 +78,7 @@ def parse_args(argv=None):
     ap.add_argument("--capacity-seconds", type=float, default=30.0)
     ap.add_argument("--no-capacity", action="store_true")
     ap.add_argument("--no-k8s", action="store_true", help="D without Kubernetes names")
-    ap.add_argument("--configs", default="ABFSCD", help="which, in this order each round")
+    ap.add_argument("--configs", default="ANBFSCD", help="which, in this order each round")
     ap.add_argument("--budget", type=float, default=570.0,
                     help="seconds; capacity attempts that would overrun it are skipped")
     ap.add_argument("--quick", action="store_true",
@@ -103,8 +106,12 @@ def make_configs(node: Node, endpoint: str, which: str, k8s: bool) -> list:
             out.append(AgentRun(node, endpoint))
         elif n == "D":
             out.append(AgentFull(node, endpoint, k8s=k8s))
+        elif n == "N":
+            out.append(NginxLog(node, node.pods[SERVER_POD]))
+        elif n == "M":
+            out.append(AgentRun(node, endpoint, log_dir=TMPFS_LOG_DIR))
         else:
-            raise SystemExit(f"unknown configuration {n!r} (A, B, F, S, C, D)")
+            raise SystemExit(f"unknown configuration {n!r} (A, N, B, F, S, C, M, D)")
     return out
 
 
