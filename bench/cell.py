@@ -23,7 +23,7 @@ def run_cell(node, cfg, server, client, opts, rate: float | None) -> dict:
     stopped = False
     cfg.start()
     try:
-        ids = probe.attached_prog_ids(node) if cfg.name not in ("A", "N") else None
+        ids = probe.attached_prog_ids(node) if getattr(cfg, "traced", True) else None
         if ids is not None and not all(ids.values()):
             raise RuntimeError(f"{cfg.name}: redtap programs not found on the node's TC hooks")
         res["prog_ids"] = {k: sorted(v) for k, v in ids.items()} if ids else None

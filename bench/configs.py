@@ -27,6 +27,7 @@ import time
 
 from pyloader.lab.netnode import NODE_IP, Node
 
+import loadgen
 import probe
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -50,6 +51,7 @@ def _terminate(proc: subprocess.Popen, timeout: float = 30.0) -> int:
 
 class NoRedtap:
     name, label = "A", "no redtap"
+    traced = False  # no redtap programs on the hooks
     pid = None
     log_path = None
 
@@ -63,6 +65,7 @@ class NoRedtap:
 class NginxLog:
     """No redtap; the bench nginx reloaded with its own buffered JSON log."""
     name, label = "N", "no redtap, nginx's own JSON log (buffered)"
+    traced = False
     pid = None
     log_path = None  # not redtap's: the cell measures no agent
 
@@ -71,12 +74,10 @@ class NginxLog:
         self.path = None
 
     def start(self) -> None:
-        import loadgen
         self.path = os.path.join(self.node.dir, f"nginx-access-{time.monotonic_ns()}.json")
         loadgen.reload_nginx(self.node, self.pod, self.path)
 
     def stop(self) -> dict:
-        import loadgen
         loadgen.reload_nginx(self.node, self.pod, None)  # the old worker flushes as it exits
         with open(self.path, "rb") as f:
             records = sum(1 for line in f if line.endswith(b"}\n"))
